@@ -1,4 +1,5 @@
-"""Keras callbacks for DP training: `PrivacyBudget` (epsilon logging and budget stop)."""
+"""Keras callbacks for DP training: `PrivacyBudget` (epsilon, budget stop, calibration) and
+parameter averaging (`EMA`, `Polyak`, `averaged_weights`, defined in `dks.averaging`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any, Optional
 import keras
 
 from dp_keras_scale import accounting
+from dp_keras_scale.averaging import EMA, Polyak, averaged_weights
 
-__all__ = ["PrivacyBudget"]
+__all__ = ["EMA", "Polyak", "PrivacyBudget", "averaged_weights"]
 
 
 class PrivacyBudget(keras.callbacks.Callback):
@@ -24,6 +26,14 @@ class PrivacyBudget(keras.callbacks.Callback):
       and appends its own ``History`` / ``ProgbarLogger`` after yours, so those always see
       it; put ``PrivacyBudget`` BEFORE ``TensorBoard``, ``CSVLogger``, ``EarlyStopping``,
       ``ModelCheckpoint`` or your own ``ProgbarLogger`` in the ``callbacks`` list.
+    * With ``planned_steps``: training stops when the optimizer reaches that many logical
+      steps, so a run resumed from a checkpoint (``keras.callbacks.BackupAndRestore`` restarts
+      the interrupted epoch) ends at the same step count, hence the same epsilon, as an
+      uninterrupted one.
+    * With ``target_epsilon`` and ``planned_steps`` and an uncalibrated
+      ``DPSGD(noise_multiplier=None)``: at train begin it sets the optimizer's noise
+      multiplier to the smallest sigma for which ``planned_steps`` spend ``target_epsilon``
+      (`accounting.calibrate_noise_multiplier`).
     * With ``target_epsilon``: at train begin it computes once how many steps fit in the
       budget (`accounting.calibrate_steps`) and raises ``ValueError`` if ``planned_steps``
       does not fit; after every batch it compares integers and sets
@@ -92,8 +102,33 @@ class PrivacyBudget(keras.callbacks.Callback):
         self.stopped_by_budget = False
         self._sigma: Optional[float] = None
         self._q: Optional[float] = self.sampling_rate
-        # Per-batch work only matters with a budget; otherwise let Keras dispatch async.
-        self.async_safe = self.target_epsilon is None
+        # Per-batch work only matters with a budget or a plan; otherwise Keras may dispatch
+        # asynchronously.
+        self.async_safe = self.target_epsilon is None and self.planned_steps is None
+
+    @property
+    def can_calibrate(self) -> bool:
+        """Whether it can set an uncalibrated optimizer's noise multiplier at train begin."""
+        return self.target_epsilon is not None and self.planned_steps is not None
+
+    def _calibrate_noise_multiplier(self) -> None:
+        """Sets ``DPSGD(noise_multiplier=None)`` so that the plan spends the target."""
+        optimizer = self._optimizer()
+        if getattr(optimizer, "noise_multiplier", 0.0) is not None:
+            return
+        if not self.can_calibrate:
+            raise ValueError(
+                "The optimizer has noise_multiplier=None: give PrivacyBudget both "
+                "target_epsilon and planned_steps so it can calibrate sigma.")
+        sigma = accounting.calibrate_noise_multiplier(
+            self.target_epsilon, self._q, self.planned_steps, self.delta, self.accountant,
+            self.sampling, self.dataset_size)
+        optimizer.noise_multiplier = sigma
+        if self.verbose:
+            print(f"PrivacyBudget: calibrated noise_multiplier = {sigma:.4g} so that "
+                  f"{self.planned_steps} steps at sampling_rate {self._q:g} spend epsilon "
+                  f"{self.target_epsilon:g} at delta {self.delta:g} "
+                  f"({self.accountant.upper()}).")
 
     # ------------------------------------------------------------------ model state
 
@@ -108,10 +143,12 @@ class PrivacyBudget(keras.callbacks.Callback):
 
     def _read_sigma(self) -> float:
         optimizer = self._optimizer()
-        sigma = getattr(optimizer, "noise_multiplier", None)
-        if sigma is None:  # e.g. wrapped in a LossScaleOptimizer for mixed precision
-            sigma = getattr(getattr(optimizer, "inner_optimizer", None), "noise_multiplier",
-                            None)
+        inner = getattr(optimizer, "inner_optimizer", optimizer)  # e.g. a LossScaleOptimizer
+        if getattr(inner, "noise_multiplier", 0.0) is None:
+            raise ValueError(
+                "The optimizer's noise_multiplier is None (not calibrated yet): it is set when "
+                "training starts with PrivacyBudget(target_epsilon=..., planned_steps=...).")
+        sigma = getattr(inner, "noise_multiplier", None)
         if sigma is None:
             raise ValueError(
                 "PrivacyBudget needs a DP optimizer with a `noise_multiplier` attribute, "
@@ -165,8 +202,9 @@ class PrivacyBudget(keras.callbacks.Callback):
     # ------------------------------------------------------------------ callback hooks
 
     def on_train_begin(self, logs: Optional[dict] = None) -> None:
-        self._sigma = self._read_sigma()
         self._q = self._resolve_sampling_rate()
+        self._calibrate_noise_multiplier()
+        self._sigma = self._read_sigma()
         self.stopped_by_budget = False
         done = self._read_steps()
         if self.target_epsilon is None:
@@ -204,6 +242,11 @@ class PrivacyBudget(keras.callbacks.Callback):
                   f"sampling_rate={self._q:g}, {self.accountant.upper()}); {done} done.")
 
     def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+        if self.planned_steps is not None and not self.model.stop_training:
+            if self._read_steps() >= self.planned_steps:
+                self.model.stop_training = True
+                if self.verbose:
+                    print(f"\nPrivacyBudget: reached the {self.planned_steps} planned steps.")
         if self.max_steps is None or self.target_epsilon is None:
             return
         self._check_sigma_unchanged()

@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 from keras.src.losses import loss as loss_module
 
+from dp_keras_scale.averaging import WeightAveraging
 from dp_keras_scale.clipping import clipped_gradient_sum
 from dp_keras_scale.layers.conv import WSConv2D, fast_convolution_op, supports_fast_convolution
 from dp_keras_scale.optimizers import DPSGD
@@ -112,16 +113,39 @@ class DPScaleModel(keras.Model):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    def fit(self, x=None, y=None, *args, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None,
+            **kwargs):
+        """`keras.Model.fit`, with DP checks. Batches must come from a sampler the accountant
+        describes (`dks.data.BatchSampler`).
+
+        Before training it registers `dks.callbacks.EMA` / `Polyak` averages with the optimizer
+        (so checkpoints carry them), runs `keras.callbacks.BackupAndRestore` callbacks first
+        (so every other callback sees the restored step count), and checks that an
+        uncalibrated ``DPSGD(noise_multiplier=None)`` comes with a `PrivacyBudget` that can
+        calibrate it.
+        """
         check_per_example_layers(self)
         warn_slow_layers(self)
+        callbacks = _order_callbacks(list(callbacks or []))
+        for callback in callbacks:
+            if isinstance(callback, WeightAveraging):
+                self.optimizer.track_average(callback.spec)
+        if self.built and not self.optimizer.built:   # eagerly: callbacks may read its state
+            self.optimizer.build(self.trainable_variables)
+        if self.optimizer.noise_multiplier is None and not any(
+                getattr(cb, "can_calibrate", False) for cb in callbacks):
+            raise ValueError(
+                "DPSGD(noise_multiplier=None) needs calibrating before training: pass "
+                "dks.callbacks.PrivacyBudget(delta=..., target_epsilon=..., planned_steps=...) "
+                "in callbacks (it sets sigma from the accountant), or set noise_multiplier.")
         if not isinstance(x, tf.data.Dataset) and x is not None:
             warnings.warn(
                 "DPScaleModel.fit on in-memory arrays batches them by shuffling and "
                 "partitioning, which is neither Poisson nor fixed-size sampling: no accountant "
                 "here describes it. For a guarantee that matches dks.accounting, feed "
                 "dks.data.BatchSampler(...).dataset(x, y).", stacklevel=2)
-        return super().fit(x, y, *args, **kwargs)
+        return super().fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                           callbacks=callbacks, **kwargs)
 
     @property
     def metrics(self):
@@ -215,6 +239,12 @@ class DPScaleModel(keras.Model):
         for tracker in (self.nonfinite_tracker, self.clipped_tracker):   # training-only
             logs.pop(tracker.name, None)
         return logs
+
+
+def _order_callbacks(callbacks: list) -> list:
+    """BackupAndRestore first (stable otherwise): the others must see the restored state."""
+    restores = [cb for cb in callbacks if isinstance(cb, keras.callbacks.BackupAndRestore)]
+    return restores + [cb for cb in callbacks if cb not in restores]
 
 
 def make_private(model: keras.Model) -> DPScaleModel:

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dp_keras_scale.averaging import AverageSpec
 from dp_keras_scale.clipping import gaussian_noise
 
 
@@ -25,15 +26,23 @@ class DPSGD(keras.optimizers.SGD):
     ``noise_multiplier * l2_norm_clip`` (``noise_multiplier`` with ``rescale_to_unit_norm``)
     ONCE, divides by the expected logical batch size and takes an SGD step (momentum, weight
     decay and averaging are post-processing of that noisy gradient). ``iterations`` counts
-    logical (noisy) steps; the noise seed and accumulators are optimizer variables, so they
-    are saved and restored with checkpoints.
+    logical (noisy) steps; the noise seed, accumulators and weight averages (EMA / Polyak,
+    declared by `dks.callbacks.EMA` / `Polyak`) are optimizer variables, so they are saved and
+    restored with checkpoints.
+
+    Restoring a checkpoint (``load_weights``, ``load_model``, ``BackupAndRestore``) draws a
+    fresh noise key from the operating system's RNG, so a resumed run never repeats a noise
+    draw of the interrupted one, and discards a partially accumulated logical step (its
+    micro-batches came from a batch the resumed input pipeline will not finish).
 
     It refuses raw gradients: use it through `DPScaleModel` / `make_private`.
 
     Args:
         learning_rate, momentum, nesterov, weight_decay: as `keras.optimizers.SGD`.
         l2_norm_clip: clip norm C of each example's gradient (averaged over its copies).
-        noise_multiplier: sigma; the noise std is sigma * C.
+        noise_multiplier: sigma; the noise std is sigma * C. ``None`` lets
+            ``dks.callbacks.PrivacyBudget(target_epsilon=..., planned_steps=...)`` calibrate
+            it with the accountant when training starts.
         rescale_to_unit_norm: divide clipped gradients by C (the paper's choice; decouples the
             learning rate from C).
         gradient_accumulation_steps: micro-batches per logical step.
@@ -41,7 +50,9 @@ class DPSGD(keras.optimizers.SGD):
             Poisson sampling (q * N). Without it, the logical batch size is the micro-batch
             size times ``gradient_accumulation_steps`` (fixed-size batches).
         noise_seed: integer seed for reproducible noise (tests); by default a fresh seed from
-            the operating system's RNG.
+            the operating system's RNG. Restoring a checkpoint always re-keys from the OS RNG.
+        weight_averages: configs of the averages to keep (set by `DPScaleModel.fit` from
+            `dks.callbacks.EMA` / `Polyak` callbacks, and saved in the optimizer's config).
 
     Example:
         >>> opt = DPSGD(learning_rate=2.0, l2_norm_clip=1.0, noise_multiplier=3.0,
@@ -53,7 +64,7 @@ class DPSGD(keras.optimizers.SGD):
                  l2_norm_clip: float = 1.0, noise_multiplier: float | None = None,
                  rescale_to_unit_norm: bool = False, gradient_accumulation_steps: int = 1,
                  expected_batch_size: float | None = None, noise_seed: int | None = None,
-                 name: str = "DPSGD", **kwargs):
+                 weight_averages: list[dict] | None = None, name: str = "DPSGD", **kwargs):
         for option in ("loss_scale_factor", "clipnorm", "clipvalue", "global_clipnorm"):
             if kwargs.get(option) is not None:
                 raise ValueError(f"DPSGD does not take `{option}`: per-example clipping is set "
@@ -62,11 +73,6 @@ class DPSGD(keras.optimizers.SGD):
                          name=name, **kwargs)
         if not l2_norm_clip > 0:
             raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}")
-        if noise_multiplier is None:
-            raise ValueError("DPSGD needs `noise_multiplier` (sigma). To reach a target epsilon, "
-                             "compute it with dks.accounting.calibrate_noise_multiplier(...).")
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
         if int(gradient_accumulation_steps) != gradient_accumulation_steps or \
                 gradient_accumulation_steps < 1:
             raise ValueError("gradient_accumulation_steps must be an integer >= 1, got "
@@ -74,16 +80,38 @@ class DPSGD(keras.optimizers.SGD):
         if expected_batch_size is not None and not expected_batch_size > 0:
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
         self.l2_norm_clip = float(l2_norm_clip)
-        self.noise_multiplier = float(noise_multiplier)
+        self._noise_stddev_variable = None
+        self.noise_multiplier = noise_multiplier
         self.rescale_to_unit_norm = bool(rescale_to_unit_norm)
         self.dp_accumulation_steps = int(gradient_accumulation_steps)
         self.expected_batch_size = (None if expected_batch_size is None
                                     else float(expected_batch_size))
         self.noise_seed = noise_seed
+        self._average_specs = [AverageSpec(**spec) for spec in weight_averages or []]
+        self._averages: dict[str, tuple[list, keras.Variable]] = {}
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """sigma. Setting it also updates the value the compiled train step reads."""
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float | None) -> None:
+        if value is not None and not value >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {value}")
+        self._noise_multiplier = None if value is None else float(value)
+        if self._noise_stddev_variable is not None and value is not None:
+            self._noise_stddev_variable.assign(self.noise_stddev)
 
     @property
     def noise_stddev(self) -> float:
         """Std of the Gaussian noise added to the summed clipped gradients."""
+        if self.noise_multiplier is None:
+            raise ValueError(
+                "DPSGD(noise_multiplier=None) has not been calibrated: train with "
+                "dks.callbacks.PrivacyBudget(target_epsilon=..., planned_steps=..., delta=...) "
+                "in the callbacks, or pass noise_multiplier (see "
+                "dks.accounting.calibrate_noise_multiplier).")
         scale = 1.0 if self.rescale_to_unit_norm else self.l2_norm_clip
         return self.noise_multiplier * scale
 
@@ -97,10 +125,72 @@ class DPSGD(keras.optimizers.SGD):
                                        initializer=keras.initializers.Constant(seed))
         self._micro_steps = self.add_variable(shape=(), dtype="int64", name="micro_steps",
                                               initializer="zeros")
+        # Read at run time, so changing noise_multiplier between fits takes effect.
+        self._noise_stddev_variable = self.add_variable(
+            shape=(), dtype="float32", name="noise_stddev", initializer=keras.initializers.Constant(
+                float("nan") if self.noise_multiplier is None else self.noise_stddev))
         self._accumulators = []
         if self.dp_accumulation_steps > 1:
             self._accumulators = [self.add_variable_from_reference(v, "dp_accumulator")
                                   for v in var_list]
+        for spec in self._average_specs:
+            self._build_average(spec, var_list)
+
+    # -- weight averages (EMA / Polyak): post-processing of the noisy iterates --------------
+
+    def track_average(self, spec: AverageSpec) -> None:
+        """Keeps the average ``spec`` of the trainable weights from now on (idempotent)."""
+        known = {s.name: s for s in self._average_specs}
+        if spec.name in known:
+            if known[spec.name] != spec:
+                raise ValueError(f"An average named '{spec.name}' is already tracked with other "
+                                 f"settings ({known[spec.name]}); give the new one another name.")
+            return
+        self._average_specs.append(spec)
+        if self.built:
+            self._build_average(spec, self._trainable_variables)
+
+    def _build_average(self, spec: AverageSpec, var_list) -> None:
+        averages = []
+        for v in var_list:
+            with tf.init_scope():      # build may run while tracing the first train step
+                start = tf.identity(v.value)
+            averages.append(self.add_variable_from_reference(
+                v, f"{spec.name}_average", initializer=lambda shape, dtype, start=start: start))
+        count = self.add_variable(shape=(), dtype="int64", name=f"{spec.name}_count",
+                                  initializer="zeros")
+        self._averages[spec.name] = (averages, count)
+
+    def average_variables(self, name: str = "ema") -> list:
+        """The averaged copies of the trainable weights kept under ``name``."""
+        if name not in self._averages:
+            raise ValueError(f"No weight average named '{name}'; tracked: "
+                             f"{sorted(self._averages) or 'none'}. Train with "
+                             "dks.callbacks.EMA(...) or Polyak(...) in the callbacks.")
+        return self._averages[name][0]
+
+    def _update_averages(self, variables) -> None:
+        for spec in self._average_specs:
+            averages, count = self._averages[spec.name]
+            active = self.iterations > spec.start_step     # iterations counts finished steps
+            count.assign_add(tf.cast(active, tf.int64))
+            weight = tf.where(active, spec.weight_of_new_value(tf.maximum(count, 1)), 1.0)
+            for average, v in zip(averages, variables):
+                average.assign(average + tf.cast(weight, average.dtype) * (v - average))
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    def load_own_variables(self, store):
+        """Restores a checkpoint, then re-keys the noise and drops a partial logical step."""
+        super().load_own_variables(store)
+        if self.noise_multiplier is not None:   # the config's sigma, restored with it
+            self._noise_stddev_variable.assign(self.noise_stddev)
+        self._seed.assign(_random_seed())
+        partial = self._micro_steps.numpy() % self.dp_accumulation_steps
+        if partial:
+            self._micro_steps.assign(self._micro_steps.numpy() - partial)
+            for acc in self._accumulators:
+                acc.assign(tf.zeros_like(acc))
 
     def apply(self, grads, trainable_variables=None):
         """Refuses raw gradients; `apply_private` is the way in."""
@@ -140,17 +230,20 @@ class DPSGD(keras.optimizers.SGD):
         tf.cond(is_last, lambda: (step(), tf.constant(True))[1], lambda: tf.constant(False))
 
     def _noisy_step(self, sums, variables, normalizer) -> None:
-        noise, next_seed = gaussian_noise([v.shape for v in variables], self.noise_stddev,
-                                          self._seed.value)
+        self.noise_stddev  # noqa: B018 -- raises now, at tracing, if sigma was never set
+        noise, next_seed = gaussian_noise([v.shape for v in variables],
+                                          self._noise_stddev_variable.value, self._seed.value)
         self._seed.assign(next_seed)
         grads = [(tf.cast(s, tf.float32) + n) / normalizer for s, n in zip(sums, noise)]
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
         super().apply(grads, variables)  # the SGD update, bypassing the guard above
+        self._update_averages(variables)
 
     def get_config(self):
         config = super().get_config()
         config.update(l2_norm_clip=self.l2_norm_clip, noise_multiplier=self.noise_multiplier,
                       rescale_to_unit_norm=self.rescale_to_unit_norm,
                       gradient_accumulation_steps=self.dp_accumulation_steps,
-                      expected_batch_size=self.expected_batch_size, noise_seed=self.noise_seed)
+                      expected_batch_size=self.expected_batch_size, noise_seed=self.noise_seed,
+                      weight_averages=[spec.to_config() for spec in self._average_specs])
         return config

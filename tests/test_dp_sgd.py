@@ -225,7 +225,6 @@ def test_dpsgd_refuses_raw_gradients_and_models_need_dpsgd(batch):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(noise_multiplier=None), "noise_multiplier"),
     (dict(noise_multiplier=-1.0), "noise_multiplier"),
     (dict(noise_multiplier=1.0, l2_norm_clip=0.0), "l2_norm_clip"),
     (dict(noise_multiplier=1.0, gradient_accumulation_steps=0), "gradient_accumulation_steps"),
@@ -284,10 +283,12 @@ def test_save_and_load_keeps_model_class_optimizer_and_noise_stream(batch, tmp_p
     assert isinstance(loaded, dks.DPScaleModel) and isinstance(loaded.optimizer, dks.DPSGD)
     assert loaded.optimizer.noise_multiplier == 1.0 and loaded.optimizer.l2_norm_clip == 0.05
     assert int(loaded.optimizer.iterations) == 1
-    np.testing.assert_array_equal(loaded.optimizer._seed.numpy(), model.optimizer._seed.numpy())
-    # Both continue with the same (fresh) noise and momentum: identical next weights.
-    model.train_on_batch(x, y)
-    loaded.train_on_batch(x, y)
+    # A restored optimizer never repeats the noise stream of the run it was saved from.
+    assert np.all(loaded.optimizer._seed.numpy() != model.optimizer._seed.numpy())
+    # Without noise, both continue identically (momentum and weights restored).
+    for m in (model, loaded):
+        m.optimizer.noise_multiplier = 0.0
+        m.train_on_batch(x, y)
     assert_close(weights_of(loaded), weights_of(model), rtol=1e-5)
 
 
