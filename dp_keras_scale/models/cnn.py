@@ -9,15 +9,17 @@ from dp_keras_scale.model import DPScaleModel
 
 
 def small_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int = 10,
-              widths: tuple[int, ...] = (16, 32, 32, 64), groups: int = 8,
+              widths: tuple[int, ...] = (16, 32, 32, 64), groups: int | None = 8,
               mean: float | None = None, std: float | None = None,
+              weight_standardization: bool = True,
               model_class: type[keras.Model] = DPScaleModel) -> keras.Model:
     """Conv blocks WSConv2D -> GroupNorm -> ReLU (every second block strides 2), pooling, Dense.
 
     Takes uint8-range pixels; `mean`/`std` (of pixels scaled to [0, 1], public constants)
     standardize them inside the model. Each GroupNorm uses min(`groups`, width) groups; very
     narrow nets (one or two channels per group) learn slowly, as global pooling then sees
-    nearly constant features.
+    nearly constant features. ``groups=None`` (or 0) removes normalization and
+    ``weight_standardization=False`` uses plain Keras ``Conv2D`` (the paper's ablation rows).
 
     Example:
         >>> model = small_cnn((28, 28, 1), 10, mean=0.286, std=0.353)   # about 33k parameters
@@ -27,8 +29,15 @@ def small_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int 
     if mean is not None and std is not None:
         h = keras.layers.Rescaling(1 / std, offset=-mean / std, name="standardize")(h)
     for i, width in enumerate(widths):
-        h = WSConv2D(width, 3, strides=2 if i % 2 else 1, name=f"conv{i + 1}")(h)
-        h = keras.layers.GroupNormalization(groups=min(groups, width), name=f"norm{i + 1}")(h)
+        stride = 2 if i % 2 else 1
+        if weight_standardization:
+            h = WSConv2D(width, 3, strides=stride, name=f"conv{i + 1}")(h)
+        else:
+            h = keras.layers.Conv2D(width, 3, strides=stride, padding="same",
+                                    kernel_initializer="he_normal", name=f"conv{i + 1}")(h)
+        if groups:
+            h = keras.layers.GroupNormalization(groups=min(groups, width),
+                                                name=f"norm{i + 1}")(h)
         h = keras.layers.ReLU(name=f"relu{i + 1}")(h)
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     outputs = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="logits")(h)

@@ -1,7 +1,9 @@
-"""DP-train a small CNN on Fashion-MNIST (real data, offline) and print accuracy and (eps, delta).
+"""Quick start with the Python API: DP-train a small CNN on Fashion-MNIST (real data, offline).
 
-    python examples/demo.py                 # what `make demo` runs (about 5 min on 2 CPU cores)
-    python examples/demo.py --epsilon 8 --epochs 6
+    python examples/quickstart.py                 # about 5-8 min on 2 CPU cores
+    python examples/quickstart.py --epsilon 8 --epochs 6
+
+The same run from the command line: `dp-keras-scale train --config fashion_mnist_cpu`.
 
 Poisson sampling, noise calibrated to the target epsilon by the accountant, weight-standardized
 GroupNorm CNN, clipped gradients rescaled to unit norm (De et al. 2022).

@@ -1,4 +1,4 @@
-"""`make demo` end to end at a tiny scale: real data, real subprocess, parsed output."""
+"""The examples end to end at a tiny scale: real data, real subprocess, parsed output."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_demo_trains_and_reports_accuracy_and_epsilon():
+def test_quickstart_trains_and_reports_accuracy_and_epsilon():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), "--train-subset", "6000",
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--train-subset", "6000",
          "--epochs", "3", "--batch-size", "600", "--microbatch-size", "400", "--widths", "8,16",
          "--epsilon", "8", "--learning-rate", "2", "--seed", "0"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -1,0 +1,187 @@
+"""The ``dp-keras-scale`` command: train, evaluate, epsilon, report, configs.
+
+    dp-keras-scale train --config fashion_mnist_cpu --out runs/fmnist
+    dp-keras-scale train --config cifar10_wrn16_4_eps8 --set training.steps=100
+    dp-keras-scale evaluate runs/fmnist
+    dp-keras-scale epsilon --noise-multiplier 10 --batch-size 4096 --dataset-size 50000 \\
+        --steps 875 --delta 1e-5
+    dp-keras-scale epsilon --target-epsilon 8 --batch-size 4096 --dataset-size 50000 \\
+        --epochs 100 --delta 1e-5
+    dp-keras-scale report runs/* --out runs/report.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from dp_keras_scale.config import ConfigError, bundled_configs, load_config  # noqa: E402
+
+TRAIN_HELP = """Trains a config with DP-SGD and writes a run directory: config.toml (resolved),
+metrics.csv/json per epoch (loss, test accuracy, EMA test accuracy, epsilon), privacy.txt/json
+(the privacy statement), model.keras (+ ema_model.keras), summary.json and PNG plots.
+Re-running with the same --out resumes an interrupted run.
+
+Configs are TOML files with sections [run] [data] [model] [privacy] [training]; a bundled
+name (see `dp-keras-scale configs`) or a path. Override any key with --set section.key=value,
+e.g. --set training.epochs=4 --set privacy.target_epsilon=8. With
+privacy.noise_multiplier = "auto" the noise is calibrated by the accountant so the planned
+steps spend exactly privacy.target_epsilon."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dp-keras-scale", description="Differentially private image classification "
+        "(DP-SGD, De et al. 2022) with Keras 3.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="DP-train a config into a run directory",
+                                description=TRAIN_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", required=True, help="bundled config name or .toml path")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+    train.add_argument("--out", help="run directory (default: runs/<config name>)")
+    train.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+
+    evaluate = commands.add_parser("evaluate", help="test accuracy of a run's saved model")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--weights", choices=["final", "ema"], default="final",
+                          help="the trained weights or their EMA (if the run kept one)")
+
+    eps = commands.add_parser(
+        "epsilon", help="privacy accounting from the command line",
+        description="Epsilon of a DP-SGD schedule; with --target-epsilon, the noise multiplier "
+        "that reaches it (or, given --noise-multiplier too, the number of steps that fit).")
+    eps.add_argument("--noise-multiplier", type=float)
+    eps.add_argument("--target-epsilon", type=float)
+    eps.add_argument("--sampling-rate", type=float, help="q (or give --batch-size and "
+                     "--dataset-size)")
+    eps.add_argument("--batch-size", type=float, help="expected batch size")
+    eps.add_argument("--dataset-size", type=int)
+    eps.add_argument("--steps", type=int)
+    eps.add_argument("--epochs", type=float, help="instead of --steps (needs --dataset-size)")
+    eps.add_argument("--delta", type=float, required=True)
+    eps.add_argument("--clip", type=float, default=1.0, help="l2 clip norm (for the statement)")
+    eps.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+    eps.add_argument("--sampling", choices=["poisson", "fixed"], default="poisson")
+
+    report = commands.add_parser("report", help="compare runs: table + accuracy-vs-epsilon PNG")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", default="report.png", help="PNG path")
+
+    commands.add_parser("configs", help="list the bundled configs")
+    return parser
+
+
+def _train(args) -> None:
+    from dp_keras_scale import experiment
+    config = load_config(args.config, args.set)
+    out = args.out or os.path.join("runs", config["run"]["name"])
+    summary = experiment.train(config, out, verbose=0 if args.quiet else 2)
+    print(f"\n{open(os.path.join(out, 'privacy.txt')).read()}")
+    ema = (f", EMA weights {summary['ema_test_accuracy']:.4f}"
+           if "ema_test_accuracy" in summary else "")
+    print(f"Test accuracy: {summary['test_accuracy']:.4f}{ema} on {summary['test_examples']} "
+          f"{summary['dataset']} test images; privacy spent: (eps={summary['epsilon']:.3f}, "
+          f"delta={summary['delta']:g}); {summary['wall_time_s']:.0f} s. Run directory: {out}")
+
+
+def _evaluate(args) -> None:
+    import keras
+
+    from dp_keras_scale import experiment
+    config = load_config(os.path.join(args.run_dir, "config.toml"))
+    name = "ema_model.keras" if args.weights == "ema" else "model.keras"
+    path = os.path.join(args.run_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist" + (
+            " (the run kept no EMA: training.ema_decay was 0)" if args.weights == "ema" else
+            " (did the run finish?)"))
+    model = keras.models.load_model(path)
+    _, _, x_test, y_test = experiment._load_data(config)
+    result = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
+    print(json.dumps({"run_dir": args.run_dir, "weights": args.weights,
+                      "test_examples": len(x_test), **result}, indent=1))
+
+
+def _epsilon(args) -> None:
+    from dp_keras_scale import accounting
+    q = args.sampling_rate
+    if q is None:
+        if args.batch_size is None or args.dataset_size is None:
+            raise ConfigError("Give --sampling-rate, or --batch-size and --dataset-size.")
+        q = args.batch_size / args.dataset_size
+    steps = args.steps
+    if steps is None and args.epochs is not None:
+        if args.dataset_size is None:
+            raise ConfigError("--epochs needs --dataset-size (or give --steps).")
+        steps = math.ceil(args.epochs / q)
+    common = dict(delta=args.delta, accountant=args.accountant, sampling=args.sampling,
+                  dataset_size=args.dataset_size)
+    sigma = args.noise_multiplier
+    if args.target_epsilon is not None and sigma is not None and steps is None:
+        steps = accounting.calibrate_steps(args.target_epsilon, sigma, q, **common)
+        print(f"At most {steps} steps fit in epsilon={args.target_epsilon:g}.")
+    elif args.target_epsilon is not None:
+        if steps is None:
+            raise ConfigError("--target-epsilon needs --steps or --epochs (to calibrate the "
+                              "noise multiplier), or --noise-multiplier (to find the steps).")
+        if sigma is not None:
+            raise ConfigError("Give at most two of --target-epsilon, --noise-multiplier and "
+                              "--steps/--epochs: the third is computed.")
+        sigma = accounting.calibrate_noise_multiplier(args.target_epsilon, q, steps, **common)
+        print(f"Noise multiplier for epsilon={args.target_epsilon:g}: {sigma:.4f}")
+    if sigma is None or steps is None:
+        raise ConfigError("Give --noise-multiplier and --steps (or --epochs), or a "
+                          "--target-epsilon with one of them.")
+    print(accounting.privacy_statement(sigma, q, steps, args.delta, args.clip,
+                                       dataset_size=args.dataset_size, sampling=args.sampling,
+                                       accountant=args.accountant))
+
+
+def _report(args) -> None:
+    from dp_keras_scale import plots
+    summaries = []
+    for run_dir in args.run_dirs:
+        path = os.path.join(run_dir, "summary.json")
+        if not os.path.exists(path):
+            print(f"skipping {run_dir}: no summary.json (unfinished run?)", file=sys.stderr)
+            continue
+        with open(path) as f:
+            summaries.append({**json.load(f), "run_dir": run_dir})
+    if not summaries:
+        raise ConfigError("No finished runs among the given directories.")
+    print("| run | dataset | epsilon | delta | steps | test acc | EMA test acc | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in sorted(summaries, key=lambda s: (s["dataset"], s["epsilon"])):
+        ema = s.get("ema_test_accuracy")
+        print(f"| {s['run_dir']} | {s['dataset']} | {s['epsilon']:.3f} | {s['delta']:g} | "
+              f"{s['steps']} | {s['test_accuracy']:.4f} | "
+              f"{'-' if ema is None else f'{ema:.4f}'} | {s['wall_time_s']:.0f} |")
+    print(f"plot: {plots.accuracy_vs_epsilon(summaries, args.out)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dp-keras-scale`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "configs":
+            print("\n".join(bundled_configs()))
+        else:
+            {"train": _train, "evaluate": _evaluate, "epsilon": _epsilon,
+             "report": _report}[args.command](args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"dp-keras-scale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

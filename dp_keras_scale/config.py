@@ -1,0 +1,202 @@
+"""Run configurations: a TOML file (or a bundled config name) plus ``section.key=value`` overrides.
+
+Every key has a default and a type; unknown sections/keys, wrong types and values outside
+their choices raise `ConfigError` naming the key and what is valid. Bundled configs live in
+``dp_keras_scale/configs/*.toml`` (``dp-keras-scale train --config NAME``).
+
+Example:
+    >>> config = load_config("fashion_mnist_cpu", ["training.epochs=3", "privacy.target_epsilon=8"])
+    >>> config["training"]["epochs"]
+    3.0
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+from importlib import resources
+from typing import Any, Iterable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from dp_keras_scale.data.sources import DATASETS
+
+ARCHITECTURES = ("small_cnn", "wide_resnet", "nf_resnet")
+
+# section -> key -> default. The default's type is the key's type (ints are accepted for floats).
+SCHEMA: dict[str, dict[str, Any]] = {
+    "run": {"name": "run", "description": ""},
+    "data": {"dataset": "fashion_mnist", "data_dir": "", "train_subset": 0, "test_subset": 0},
+    "model": {"architecture": "small_cnn", "widths": [16, 32, 32, 64], "groups": 8,
+              "weight_standardization": True, "depth": 16, "width": 4.0, "stem": "cifar",
+              "dropout": 0.0},
+    "privacy": {"target_epsilon": 3.0, "delta": 1e-5, "noise_multiplier": "auto",
+                "l2_norm_clip": 1.0, "rescale_to_unit_norm": True, "accountant": "pld",
+                "sampling": "poisson"},
+    "training": {"batch_size": 512, "microbatch_size": 192, "epochs": 2.0, "steps": 0,
+                 "learning_rate": 4.0, "momentum": 0.0, "augmult": 0, "pad": 4, "flip": False,
+                 "ema_decay": 0.0, "seed": "random", "jit_compile": True},
+}
+
+CHOICES: dict[tuple[str, str], tuple] = {
+    ("data", "dataset"): tuple(DATASETS),
+    ("model", "architecture"): ARCHITECTURES,
+    ("model", "stem"): ("cifar", "imagenet"),
+    ("privacy", "accountant"): ("pld", "rdp"),
+    ("privacy", "sampling"): ("poisson", "fixed"),
+}
+
+# Keys that take either one keyword or a number of the given type.
+KEYWORDS: dict[tuple[str, str], tuple[str, type]] = {
+    ("privacy", "noise_multiplier"): ("auto", float),   # calibrated from target_epsilon, steps
+    ("training", "seed"): ("random", int),              # OS randomness (ints: tests only)
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: names the key and the valid choices."""
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    folder = resources.files("dp_keras_scale") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def _read(name_or_path: str) -> tuple[dict, str]:
+    if os.path.exists(name_or_path):
+        with open(name_or_path, "rb") as f:
+            return tomllib.load(f), os.path.splitext(os.path.basename(name_or_path))[0]
+    if name_or_path in bundled_configs():
+        text = (resources.files("dp_keras_scale") / "configs" / f"{name_or_path}.toml").read_text()
+        return tomllib.loads(text), name_or_path
+    raise ConfigError(f"No config file or bundled config named {name_or_path!r}. Bundled: "
+                      f"{', '.join(bundled_configs())}; or pass a path to a .toml file.")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"training.epochs=3"`` -> ("training", "epochs", 3); values are TOML (bare words are strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"Override {text!r} must look like section.key=value, "
+                          "e.g. training.epochs=3 or privacy.target_epsilon=8.")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def _check_value(section: str, key: str, value: Any) -> Any:
+    where = f"{section}.{key}"
+    default = SCHEMA[section][key]
+    keyword, kind = KEYWORDS.get((section, key), (None, type(default)))
+    if keyword is not None and value == keyword:
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if kind in (int, float):
+        expected = f"{'an integer' if kind is int else 'a number'}" + (
+            f" or {keyword!r}" if keyword else "")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or (kind is int and value != int(value)):
+            raise ConfigError(f"{where} must be {expected}, got {value!r}.")
+        return kind(value)
+    if kind is list:
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ConfigError(f"{where} must be a list of positive integers, got {value!r}.")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}.")
+    choices = CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not valid; choose one of {', '.join(choices)}.")
+    return value
+
+
+def resolve(raw: dict, overrides: Iterable[tuple[str, str, Any]] = ()) -> dict:
+    """Defaults, then ``raw``, then overrides; every key checked. Returns a new dict."""
+    config = copy.deepcopy(SCHEMA)
+    items = [(s, k, v) for s, table in raw.items() for k, v in _section_items(s, table)]
+    for section, key, value in [*items, *overrides]:
+        if section not in SCHEMA:
+            raise ConfigError(f"Unknown config section [{section}]; valid sections: "
+                              f"{', '.join(SCHEMA)}.")
+        if key not in SCHEMA[section]:
+            raise ConfigError(f"Unknown key {section}.{key}; valid keys of [{section}]: "
+                              f"{', '.join(SCHEMA[section])}.")
+        config[section][key] = _check_value(section, key, value)
+    _check_ranges(config)
+    return config
+
+
+def _section_items(section: str, table: Any):
+    if not isinstance(table, dict):
+        raise ConfigError(f"Top-level key {section!r} must be a [section]; valid sections: "
+                          f"{', '.join(SCHEMA)}.")
+    return table.items()
+
+
+def _check_ranges(config: dict) -> None:
+    t, p = config["training"], config["privacy"]
+    positive = [("training", "batch_size"), ("training", "microbatch_size"),
+                ("training", "learning_rate"), ("privacy", "l2_norm_clip"),
+                ("privacy", "target_epsilon"), ("privacy", "delta")]
+    for section, key in positive:
+        if not config[section][key] > 0:
+            raise ConfigError(f"{section}.{key} must be > 0, got {config[section][key]}.")
+    for section, key in [("training", "steps"), ("training", "augmult"), ("training", "pad"),
+                         ("data", "train_subset"), ("data", "test_subset"),
+                         ("model", "groups"),
+                         ("training", "momentum"), ("training", "ema_decay")]:
+        if config[section][key] < 0:
+            raise ConfigError(f"{section}.{key} must be >= 0, got {config[section][key]}.")
+    if t["steps"] == 0 and not t["epochs"] > 0:
+        raise ConfigError("Set training.epochs > 0 or training.steps > 0.")
+    if not t["ema_decay"] < 1:
+        raise ConfigError(f"training.ema_decay must be in [0, 1), got {t['ema_decay']}.")
+    if not p["delta"] < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p['delta']}.")
+    if p["noise_multiplier"] != "auto" and p["noise_multiplier"] < 0:
+        raise ConfigError(f"privacy.noise_multiplier must be >= 0 or 'auto', got "
+                          f"{p['noise_multiplier']}.")
+
+
+def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> dict:
+    """A validated config from a bundled name or a TOML path, with ``section.key=value`` overrides.
+
+    Example:
+        >>> load_config("mnist_cpu", ["training.steps=20"])["training"]["steps"]
+        20
+    """
+    raw, name = _read(name_or_path)
+    raw.setdefault("run", {}).setdefault("name", name)
+    return resolve(raw, [parse_override(o) for o in overrides])
+
+
+def dumps(config: dict) -> str:
+    """The config as TOML text (round-trips through `resolve`)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, table in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {value(v)}" for key, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
