@@ -1,4 +1,4 @@
-"""The ``dp-keras-scale`` command: train, evaluate, epsilon, report, configs.
+"""The ``dp-keras-scale`` command: train, evaluate, epsilon, report, audit, configs.
 
     dp-keras-scale train --config fashion_mnist_cpu --out runs/fmnist
     dp-keras-scale train --config cifar10_wrn16_4_eps8 --set training.steps=100
@@ -8,6 +8,7 @@
     dp-keras-scale epsilon --target-epsilon 8 --batch-size 4096 --dataset-size 50000 \\
         --epochs 100 --delta 1e-5
     dp-keras-scale report runs/* --out runs/report.png
+    dp-keras-scale audit runs/fmnist
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", default="report.png", help="PNG path")
 
+    audit = commands.add_parser(
+        "audit", help="membership inference on a run's model (training vs test examples)",
+        description="Loss-threshold membership inference: training examples of the run "
+        "(members) against as many test examples (non-members). Writes audit.json and "
+        "audit_roc.png into the run directory. An attack's success is empirical evidence, "
+        "not a privacy guarantee; for an epsilon lower bound use dks.audit.canary_audit.")
+    audit.add_argument("run_dir")
+    audit.add_argument("--weights", choices=["final", "ema"], default="final")
+    audit.add_argument("--examples", type=int, default=5000,
+                       help="members and non-members used (each)")
+
     commands.add_parser("configs", help="list the bundled configs")
     return parser
 
@@ -93,19 +105,22 @@ def _train(args) -> None:
           f"delta={summary['delta']:g}); {summary['wall_time_s']:.0f} s. Run directory: {out}")
 
 
-def _evaluate(args) -> None:
+def _load_run(run_dir: str, weights: str):
+    """The run's config, saved model (final or EMA weights) and data."""
     import keras
 
     from dp_keras_scale import experiment
-    config = load_config(os.path.join(args.run_dir, "config.toml"))
-    name = "ema_model.keras" if args.weights == "ema" else "model.keras"
-    path = os.path.join(args.run_dir, name)
+    config = load_config(os.path.join(run_dir, "config.toml"))
+    path = os.path.join(run_dir, "ema_model.keras" if weights == "ema" else "model.keras")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist" + (
-            " (the run kept no EMA: training.ema_decay was 0)" if args.weights == "ema" else
+            " (the run kept no EMA: training.ema_decay was 0)" if weights == "ema" else
             " (did the run finish?)"))
-    model = keras.models.load_model(path)
-    _, _, x_test, y_test = experiment._load_data(config)
+    return config, keras.models.load_model(path), experiment._load_data(config)
+
+
+def _evaluate(args) -> None:
+    _, model, (_, _, x_test, y_test) = _load_run(args.run_dir, args.weights)
     result = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
     print(json.dumps({"run_dir": args.run_dir, "weights": args.weights,
                       "test_examples": len(x_test), **result}, indent=1))
@@ -168,6 +183,23 @@ def _report(args) -> None:
     print(f"plot: {plots.accuracy_vs_epsilon(summaries, args.out)}")
 
 
+def _audit(args) -> None:
+    from dp_keras_scale import audit
+    _, model, (x, y, x_test, y_test) = _load_run(args.run_dir, args.weights)
+    n = min(args.examples, len(x), len(x_test))
+    result = audit.membership_inference(model, (x[:n], y[:n]), (x_test[:n], y_test[:n]))
+    with open(os.path.join(args.run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    report = {"run_dir": args.run_dir, "weights": args.weights, "attack": "loss",
+              "members": n, "non_members": n, "auc": result.auc,
+              "tpr_at_fpr": {str(k): v for k, v in result.tpr_at_fpr.items()},
+              "accounted_epsilon": summary["epsilon"], "delta": summary["delta"]}
+    with open(os.path.join(args.run_dir, "audit.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    audit.plot_roc({"loss attack": result}, os.path.join(args.run_dir, "audit_roc.png"))
+    print(json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dp-keras-scale`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -176,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(bundled_configs()))
         else:
             {"train": _train, "evaluate": _evaluate, "epsilon": _epsilon,
-             "report": _report}[args.command](args)
+             "report": _report, "audit": _audit}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"dp-keras-scale {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -114,6 +114,12 @@ def test_train_evaluate_and_report_end_to_end(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(
         summary["ema_test_accuracy"], abs=1e-6)
+    audited = cli("audit", str(out), "--examples", "200")
+    assert audited.returncode == 0, audited.stderr[-2000:]
+    audit_report = json.loads((out / "audit.json").read_text())
+    assert 0 <= audit_report["auc"] <= 1 and audit_report["members"] == 200
+    assert audit_report["accounted_epsilon"] == summary["epsilon"]
+    assert (out / "audit_roc.png").exists()
     report = cli("report", str(out), "--out", str(tmp_path / "report.png"))
     assert report.returncode == 0 and (tmp_path / "report.png").exists()
     assert f"| {summary['epsilon']:.3f} |" in report.stdout
