@@ -168,9 +168,8 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     if seed is not None:
         keras.utils.set_random_seed(seed)
     model = build_model(config, x.shape[1:])
-    # The budget calibrates sigma itself when noise_multiplier is "auto" (same result as plan).
     model.compile(
-        optimizer=_optimizer(config, sampler, seed, schedule),
+        optimizer=_optimizer(config, sampler, seed, schedule["noise_multiplier"]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=t["jit_compile"])
     budget = callbacks.PrivacyBudget(
@@ -218,12 +217,10 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     return summary
 
 
-def _optimizer(config: dict, sampler, seed, schedule) -> DPSGD:
+def _optimizer(config: dict, sampler, seed, noise_multiplier: float) -> DPSGD:
     t, p = config["training"], config["privacy"]
     return DPSGD(learning_rate=t["learning_rate"], momentum=t["momentum"],
-                 l2_norm_clip=p["l2_norm_clip"],
-                 noise_multiplier=None if p["noise_multiplier"] == "auto"
-                 else p["noise_multiplier"],
+                 l2_norm_clip=p["l2_norm_clip"], noise_multiplier=noise_multiplier,
                  rescale_to_unit_norm=p["rescale_to_unit_norm"],
                  gradient_accumulation_steps=sampler.accumulation_steps,
                  expected_batch_size=sampler.expected_batch_size, noise_seed=seed)
