@@ -102,17 +102,30 @@ def clipped_gradient_sum(
     )
 
 
+def split_noise_seed(seed: tf.Tensor, num_tensors: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Splits a noise key into ``num_tensors`` per-tensor keys ``[n, 2]`` and the next key.
+
+    Counter-based: a pure function of ``seed``, so every replica holding the same key computes
+    the same next key without communicating.
+
+    Example:
+        >>> keys, next_seed = split_noise_seed(tf.constant([1, 2], tf.int64), 3)
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=num_tensors + 1)
+    return seeds[1:], seeds[0]
+
+
 def gaussian_noise(shapes: Sequence[tf.TensorShape], stddev: float, seed: tf.Tensor,
                    dtype=tf.float32) -> tuple[list[tf.Tensor], tf.Tensor]:
     """Independent N(0, stddev^2) noise for each shape, and the next seed.
 
     Uses counter-based stateless sampling: the same `seed` gives the same draw, and the returned
-    next seed (split from `seed`) never repeats a draw of an earlier step.
+    next seed (split from `seed`, see `split_noise_seed`) never repeats a draw of an earlier step.
 
     Example:
         >>> noise, seed = gaussian_noise([w.shape for w in model.trainable_variables], 3.0, seed)
     """
-    seeds = tf.random.experimental.stateless_split(seed, num=len(shapes) + 1)
-    noise = [tf.random.stateless_normal(shape, seed=seeds[i + 1], stddev=stddev, dtype=dtype)
+    keys, next_seed = split_noise_seed(seed, len(shapes))
+    noise = [tf.random.stateless_normal(shape, seed=keys[i], stddev=stddev, dtype=dtype)
              for i, shape in enumerate(shapes)]
-    return noise, seeds[0]
+    return noise, next_seed

@@ -8,10 +8,12 @@ import warnings
 
 import keras
 import tensorflow as tf
+from keras.src.backend import set_keras_mask
 from keras.src.losses import loss as loss_module
 
 from dp_keras_scale.averaging import WeightAveraging
 from dp_keras_scale.clipping import clipped_gradient_sum
+from dp_keras_scale.distribute import num_workers
 from dp_keras_scale.layers.conv import WSConv2D, fast_convolution_op, supports_fast_convolution
 from dp_keras_scale.optimizers import DPSGD
 
@@ -86,6 +88,11 @@ class DPScaleModel(keras.Model):
     [0, 1] (0 for padded rows). Each example contributes the clipped gradient of its mean loss
     over its K copies. Evaluation and prediction are ordinary Keras.
 
+    Under a `tf.distribute` strategy (build and compile the model inside
+    ``strategy.scope()``), each replica clips its own rows, the clipped sums are all-reduced
+    with the noise added once (see `DPSGD.apply_private`), and logged metrics cover the global
+    batch. With several workers, feed `dks.distribute.DistributedBatchSampler` batches.
+
     Example:
         >>> model = DPScaleModel(inputs, outputs)
         >>> model.compile(optimizer=DPSGD(0.5, l2_norm_clip=1.0, noise_multiplier=1.1),
@@ -127,18 +134,20 @@ class DPScaleModel(keras.Model):
         check_per_example_layers(self)
         warn_slow_layers(self)
         callbacks = _order_callbacks(list(callbacks or []))
-        for callback in callbacks:
-            if isinstance(callback, WeightAveraging):
-                self.optimizer.track_average(callback.spec)
-        if self.built and not self.optimizer.built:   # eagerly: callbacks may read its state
-            self.optimizer.build(self.trainable_variables)
+        _check_distributed_input(self.distribute_strategy, x)
+        with self.distribute_strategy.scope():   # optimizer variables mirror like the model's
+            for callback in callbacks:
+                if isinstance(callback, WeightAveraging):
+                    self.optimizer.track_average(callback.spec)
+            if self.built and not self.optimizer.built:   # eagerly: callbacks read its state
+                self.optimizer.build(self.trainable_variables)
         if self.optimizer.noise_multiplier is None and not any(
                 getattr(cb, "can_calibrate", False) for cb in callbacks):
             raise ValueError(
                 "DPSGD(noise_multiplier=None) needs calibrating before training: pass "
                 "dks.callbacks.PrivacyBudget(delta=..., target_epsilon=..., planned_steps=...) "
                 "in callbacks (it sets sigma from the accountant), or set noise_multiplier.")
-        if not isinstance(x, tf.data.Dataset) and x is not None:
+        if not isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)) and x is not None:
             warnings.warn(
                 "DPScaleModel.fit on in-memory arrays batches them by shuffling and "
                 "partitioning, which is neither Poisson nor fixed-size sampling: no accountant "
@@ -184,6 +193,34 @@ class DPScaleModel(keras.Model):
             return y
         return tf.repeat(tf.expand_dims(y, 1), copies, axis=1)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Before distributed training Keras builds metrics from one batch, reducing it across
+        workers first (which fails for multi-worker input): use this worker's first replica's
+        share of the batch instead; only its shapes matter."""
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            data_batch = tf.nest.map_structure(
+                lambda v: (strategy.experimental_local_results(v)[0]
+                           if isinstance(v, tf.distribute.DistributedValues) else v), next(it))
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds metrics from one batch before distributed training: give it the first
+        copy of each example (the model's input layout) instead of the [B, K, ...] batch."""
+        if data_batch is not None:
+            x, y, weights = keras.utils.unpack_x_y_sample_weight(data_batch)
+            first = tf.nest.flatten(x)[0] if x is not None else None
+            if y is not None and first is not None and self._has_copies_axis(first):
+                x, y = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
+                x, y, _ = self._copies_layout(x, y)
+                x, y = tf.nest.map_structure(lambda t: t[:, 0], (x, y))
+                data_batch = (x, y) if weights is None else (x, y, weights)
+        return super()._symbolic_build(iterator=iterator, data_batch=data_batch)
+
     # -- training ----------------------------------------------------------------------------
 
     def _example_loss(self, x, y):
@@ -212,8 +249,10 @@ class DPScaleModel(keras.Model):
             result = clipped_gradient_sum(
                 self._example_loss, self.trainable_variables, x, y, weights,
                 self.optimizer.l2_norm_clip, self.optimizer.rescale_to_unit_norm)
-        self.optimizer.apply_private(result.gradients, self.trainable_variables,
-                                     batch * self.optimizer.dp_accumulation_steps)
+        logical_batch = None
+        if self.optimizer.expected_batch_size is None:    # fixed-size batches: rows are public
+            logical_batch = _global_rows(batch) * self.optimizer.dp_accumulation_steps
+        self.optimizer.apply_private(result.gradients, self.trainable_variables, logical_batch)
 
         self._loss_tracker.update_state(result.losses, sample_weight=result.valid)
         self.nonfinite_tracker.update_state(result.nonfinite)
@@ -223,8 +262,12 @@ class DPScaleModel(keras.Model):
         predictions = _merge_copies(result.predictions)
         predictions = tf.where(tf.reshape(valid, [-1] + [1] * (predictions.shape.rank - 1)) > 0,
                                predictions, tf.zeros_like(predictions))
-        return self.compute_metrics(x, tf.nest.map_structure(_merge_copies, y), predictions,
+        # Unweighted compiled metrics (``metrics=["accuracy"]``) ignore sample weights but
+        # honour a Keras mask: without it, padded rows would count as examples.
+        set_keras_mask(predictions, tf.reshape(valid, [-1]) > 0)
+        logs = self.compute_metrics(x, tf.nest.map_structure(_merge_copies, y), predictions,
                                     sample_weight=tf.reshape(valid, [-1]))
+        return _metrics_across_replicas(self.metrics, logs)
 
     def test_step(self, data):
         x, y, weights = keras.utils.unpack_x_y_sample_weight(data)
@@ -238,7 +281,78 @@ class DPScaleModel(keras.Model):
         logs = super().test_step(data)
         for tracker in (self.nonfinite_tracker, self.clipped_tracker):   # training-only
             logs.pop(tracker.name, None)
+        return _metrics_across_replicas(self.metrics, logs)
+
+
+def _global_rows(rows: tf.Tensor) -> tf.Tensor:
+    """The micro-batch's row count summed over replicas (a public constant, not a data count)."""
+    context = tf.distribute.get_replica_context()
+    if not tf.distribute.has_strategy() or context is None or context.num_replicas_in_sync == 1:
+        return rows
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(rows, tf.float32))
+
+
+_REDUCTIONS = {"sum": tf.distribute.ReduceOp.SUM, "mean": tf.distribute.ReduceOp.MEAN}
+
+
+def _metrics_across_replicas(metrics: list, logs: dict) -> dict:
+    """In replica context, each replica's metrics hold its own examples only: returns the
+    results of the metrics' states all-reduced over replicas (so per-batch logs describe the
+    whole global batch); ``logs`` unchanged on one replica."""
+    context = tf.distribute.get_replica_context()
+    if not tf.distribute.has_strategy() or context is None or context.num_replicas_in_sync == 1:
         return logs
+    states = [v for metric in metrics for v in metric.variables]
+    by_op: dict = {}
+    for i, v in enumerate(states):
+        aggregation = getattr(v, "aggregation", "sum")
+        if aggregation == "only_first_replica":
+            by_op.setdefault("first", []).append(i)
+        elif aggregation in _REDUCTIONS:
+            by_op.setdefault(aggregation, []).append(i)
+    local = [tf.identity(tf.convert_to_tensor(v)) for v in states]   # this replica's state
+    reduced = list(local)                                # kept for aggregation "none"
+    for op, indices in by_op.items():
+        values = [local[i] for i in indices]
+        if op == "first":
+            keep = tf.cast(_is_first_replica(context), values[0].dtype)
+            values = [keep * value for value in values]
+        out = context.all_reduce(_REDUCTIONS.get(op, tf.distribute.ReduceOp.SUM), values)
+        for i, value in zip(indices, out):
+            reduced[i] = value
+    results, start = {}, 0
+    for metric in metrics:
+        count = len(metric.variables)
+        result = metric.stateless_result(reduced[start:start + count])
+        start += count
+        if isinstance(result, dict):
+            results.update(result)
+        else:
+            results[metric.name] = result
+    logs = {name: results.get(name, value) for name, value in logs.items()}
+    if num_workers(tf.distribute.get_strategy()) > 1:
+        # Keras averages multi-worker step outputs with reduce(MEAN, axis=0), which fails on
+        # scalars; the values are identical on every replica, so a leading axis of 1 makes
+        # that reduction return them unchanged.
+        logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
+    return logs
+
+
+def _is_first_replica(context) -> tf.Tensor:
+    return tf.equal(context.replica_id_in_sync_group, 0)
+
+
+def _check_distributed_input(strategy: tf.distribute.Strategy, x) -> None:
+    """Refuses inputs whose multi-worker sharding no accountant describes."""
+    workers = num_workers(strategy)
+    if workers > 1 and not isinstance(x, tf.distribute.DistributedDataset):
+        raise ValueError(
+            f"Training on {workers} workers needs a per-worker Poisson sampler: Keras would "
+            "auto-shard this input, and every worker's own batches would then be mixed into "
+            "one logical step, which is not the Poisson sampling dks.accounting describes. "
+            "Feed dks.distribute.DistributedBatchSampler(len(x), expected_batch_size, "
+            "strategy).dataset(x, y): each worker samples a disjoint shard with the global "
+            "rate q, which is exactly a Poisson sample of rate q of the whole dataset.")
 
 
 def _order_callbacks(callbacks: list) -> list:

@@ -7,9 +7,30 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.optimizers import base_optimizer
 
 from dp_keras_scale.averaging import AverageSpec
-from dp_keras_scale.clipping import gaussian_noise
+from dp_keras_scale.clipping import gaussian_noise, split_noise_seed
+
+
+def _is_first_replica(context: tf.distribute.ReplicaContext):
+    """True (Python or tensor) on replica 0 of the sync group."""
+    replica_id = context.replica_id_in_sync_group
+    static = tf.get_static_value(replica_id)
+    return bool(static == 0) if static is not None else tf.equal(replica_id, 0)
+
+
+def _and(a, b):
+    """Logical and of Python bools and/or boolean tensors, staying Python when both are."""
+    if isinstance(a, bool) and isinstance(b, bool):
+        return a and b
+    if a is False or b is False:
+        return False
+    if a is True:
+        return b
+    if b is True:
+        return a
+    return tf.logical_and(a, b)
 
 
 def _random_seed() -> np.ndarray:
@@ -34,6 +55,11 @@ class DPSGD(keras.optimizers.SGD):
     fresh noise key from the operating system's RNG, so a resumed run never repeats a noise
     draw of the interrupted one, and discards a partially accumulated logical step (its
     micro-batches came from a batch the resumed input pipeline will not finish).
+
+    Under `tf.distribute` (create it inside ``strategy.scope()``), replica 0 adds the noise
+    once to its clipped sum before the sums are all-reduced, so the global sum carries one draw
+    of std sigma * C for any number of replicas; ``expected_batch_size`` is the GLOBAL
+    expected logical batch (see `dks.distribute`).
 
     It refuses raw gradients: use it through `DPScaleModel` / `make_private`.
 
@@ -202,23 +228,74 @@ class DPSGD(keras.optimizers.SGD):
     def apply_private(self, clipped_sums, variables, batch_normalizer) -> None:
         """Accumulates one micro-batch of summed clipped gradients; steps on the last one.
 
+        Under a `tf.distribute` strategy it is called in replica context (as
+        `DPScaleModel.train_step` runs) with the clipped sum of that replica's examples only.
+        On the micro-batch that completes a logical step, replica 0 alone adds the Gaussian
+        noise (std sigma * C, the very draw a single device would make from the same key) to
+        its local sum; the noisy local sums are then all-reduced (SUM) once, so the global sum
+        carries exactly one noise draw whatever the number of replicas. Every replica then
+        applies the identical all-reduced value to its copy of the mirrored variables
+        (accumulators, noise key, SGD state, weight averages), which therefore stay equal.
+
         Args:
-            clipped_sums: summed clipped per-example gradients of one micro-batch.
+            clipped_sums: summed clipped per-example gradients of one micro-batch (of this
+                replica's share of it, under a strategy).
             variables: the trainable variables they belong to.
-            batch_normalizer: the logical batch size to divide by when no
-                ``expected_batch_size`` is set (a public constant: never a realized count of
-                Poisson-sampled examples).
+            batch_normalizer: the GLOBAL logical batch size (all replicas, all micro-batches)
+                to divide by when no ``expected_batch_size`` is set (a public constant: never
+                a realized count of Poisson-sampled examples); ignored otherwise.
         """
         if not self.built:
             self.build(variables)
+        variables = list(variables)
+        if self.expected_batch_size is None and batch_normalizer is None:
+            raise ValueError("apply_private needs batch_normalizer (the global logical batch "
+                             "size) when DPSGD has no expected_batch_size.")
         normalizer = (tf.constant(self.expected_batch_size, tf.float32)
                       if self.expected_batch_size is not None
                       else tf.cast(batch_normalizer, tf.float32))
+        sums = [tf.cast(s, tf.float32) for s in clipped_sums]
+        completes_step = (True if self.dp_accumulation_steps == 1 else
+                          tf.equal((self._micro_steps + 1) % self.dp_accumulation_steps, 0))
+        context = tf.distribute.get_replica_context()
+        if not tf.distribute.has_strategy() or context is None:
+            # One device (or cross-replica context): the sums are the global sums.
+            self._update(self._add_noise(sums, variables, completes_step), variables, normalizer)
+            return
+        sums = self._add_noise(sums, variables, _and(completes_step, _is_first_replica(context)))
+        sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+        def update_copy(_, sums, normalizer):
+            # Runs once per replica device with that device's (identical) reduced sums; every
+            # optimizer and model variable read or assigned here is that device's copy.
+            self._update(list(sums), variables, normalizer)
+            return tf.constant(0)
+
+        tf.distribute.get_strategy().extended.update(
+            self._micro_steps.value, update_copy, args=(sums, normalizer), group=False)
+
+    def _add_noise(self, sums, variables, when):
+        """``sums`` plus N(0, (sigma*C)^2) noise drawn from the current key when ``when``."""
+        self.noise_stddev  # noqa: B018 -- raises now, at tracing, if sigma was never set
+
+        def noisy():
+            noise, _ = gaussian_noise([v.shape for v in variables],
+                                      self._noise_stddev_variable.value, self._seed.value)
+            return [s + n for s, n in zip(sums, noise)]
+
+        if when is True:
+            return noisy()
+        if when is False:
+            return sums
+        return tf.cond(when, noisy, lambda: [tf.identity(s) for s in sums])
+
+    def _update(self, sums, variables, normalizer) -> None:
+        """Accumulates global (already noisy on a step's last micro-batch) sums; steps."""
         self._micro_steps.assign_add(1)
         if self.dp_accumulation_steps == 1:
-            self._noisy_step(clipped_sums, variables, normalizer)
+            self._noisy_step(sums, variables, normalizer)
             return
-        for acc, g in zip(self._accumulators, clipped_sums):
+        for acc, g in zip(self._accumulators, sums):
             acc.assign_add(tf.cast(g, acc.dtype))
 
         def step():
@@ -229,15 +306,25 @@ class DPSGD(keras.optimizers.SGD):
         is_last = tf.equal(self._micro_steps % self.dp_accumulation_steps, 0)
         tf.cond(is_last, lambda: (step(), tf.constant(True))[1], lambda: tf.constant(False))
 
-    def _noisy_step(self, sums, variables, normalizer) -> None:
-        self.noise_stddev  # noqa: B018 -- raises now, at tracing, if sigma was never set
-        noise, next_seed = gaussian_noise([v.shape for v in variables],
-                                          self._noise_stddev_variable.value, self._seed.value)
+    def _noisy_step(self, noisy_sums, variables, normalizer) -> None:
+        """Advances the noise key and takes the SGD step with the noisy average."""
+        _, next_seed = split_noise_seed(self._seed.value, len(variables))
         self._seed.assign(next_seed)
-        grads = [(tf.cast(s, tf.float32) + n) / normalizer for s, n in zip(sums, noise)]
+        grads = [tf.cast(s, tf.float32) / normalizer for s in noisy_sums]
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
         super().apply(grads, variables)  # the SGD update, bypassing the guard above
         self._update_averages(variables)
+
+    # The gradients handed to the SGD update are already the global noisy average (all-reduced
+    # in `apply_private`) and the update runs on each replica's own copy of the variables: the
+    # TensorFlow backend's versions of these two would all-reduce them again (doubling them)
+    # and need a replica context. Use the backend-independent ones.
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        base_optimizer.BaseOptimizer._backend_update_step(self, grads, trainable_variables,
+                                                          learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        base_optimizer.BaseOptimizer._apply_weight_decay(self, variables)
 
     def get_config(self):
         config = super().get_config()
