@@ -7,11 +7,11 @@ Example:
     ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 """
 
-from dp_keras_scale import accounting, audit, callbacks, data, distribute, layers, models
+from dp_keras_scale import accounting, audit, callbacks, data, distribute, finetune, layers, models
 from dp_keras_scale.model import DPScaleModel, make_private
 from dp_keras_scale.optimizers import DPSGD
 
 __version__ = "0.1.0"
 
 __all__ = ["DPScaleModel", "DPSGD", "make_private", "accounting", "audit", "callbacks", "data",
-           "distribute", "layers", "models"]
+           "distribute", "finetune", "layers", "models"]
