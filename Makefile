@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA_STAMP := $(VENV)/.data-stamp
 
-.PHONY: install data test demo bench bench-throughput bench-input bench-ablation bench-audit bench-finetune clean
+.PHONY: install data test demo bench bench-throughput bench-input bench-ablation bench-audit bench-finetune bench-peers clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ bench-audit: $(STAMP) $(DATA_STAMP)
 # MNIST-pretrained backbone, DP fine-tuned on Fashion-MNIST at eps 1/3/8 (~20 CPU-minutes).
 bench-finetune: $(STAMP) $(DATA_STAMP)
 	$(PY) benchmarks/finetune.py
+
+# Same WRN-16-4 DP workload in PyTorch/Opacus and JAX/jax_privacy, each in its own venv.
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
