@@ -59,6 +59,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
+from dp_keras_scale.data.sampling import masked_microbatches
+
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
     """How many worker processes feed ``strategy`` (1 for one-process strategies).
@@ -248,29 +250,9 @@ class DistributedBatchSampler:
         """Worker ``pipeline_id``'s (x, y, mask) per-replica micro-batches, in the order the
         strategy deals them: for each logical step, ``accumulation_steps`` rounds of one
         micro-batch per local replica."""
-        x = tf.convert_to_tensor(x)
-        y = tf.convert_to_tensor(y)
-        if x.shape[0] != self.num_examples or y.shape[0] != self.num_examples:
-            raise ValueError(f"x and y must have {self.num_examples} examples (num_examples), "
-                             f"got {x.shape[0]} and {y.shape[0]}")
-
-        def logical_batches():
-            step = 0
-            while steps is None or step < steps:
-                yield self.sample_indices(pipeline_id)
-                step += 1
-
-        def gather(indices):
-            safe = tf.maximum(indices, 0)
-            return tf.gather(x, safe), tf.gather(y, safe), tf.cast(indices >= 0, tf.float32)
-
-        ds = tf.data.Dataset.from_generator(
-            logical_batches, output_signature=tf.TensorSpec([self.worker_padded_size], tf.int64))
-        ds = ds.unbatch().batch(self.per_replica_microbatch_size, drop_remainder=True)
-        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-        if map_fn is not None:
-            ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return masked_microbatches(
+            x, y, self.num_examples, lambda: self.sample_indices(pipeline_id),
+            self.worker_padded_size, self.per_replica_microbatch_size, steps, map_fn)
 
     def dataset(self, x, y, steps: int | None = None,
                 map_fn: Callable | None = None) -> tf.distribute.DistributedDataset:

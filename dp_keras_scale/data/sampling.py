@@ -101,30 +101,41 @@ class BatchSampler:
 
         `map_fn(x, y, mask) -> (x, y, mask)`, e.g. augmentation, runs on each micro-batch.
         """
-        x = tf.convert_to_tensor(x)
-        y = tf.convert_to_tensor(y)
-        if x.shape[0] != self.num_examples or y.shape[0] != self.num_examples:
-            raise ValueError(f"x and y must have {self.num_examples} examples (num_examples), "
-                             f"got {x.shape[0]} and {y.shape[0]}")
+        return masked_microbatches(x, y, self.num_examples, self.sample_indices,
+                                   self.padded_batch_size, self.microbatch_size, steps, map_fn)
 
-        def logical_batches():
-            step = 0
-            while steps is None or step < steps:
-                yield self.sample_indices()
-                step += 1
 
-        def gather(indices):
-            safe = tf.maximum(indices, 0)
-            return tf.gather(x, safe), tf.gather(y, safe), tf.cast(indices >= 0, tf.float32)
+def masked_microbatches(x, y, num_examples: int, draw_indices: Callable[[], np.ndarray],
+                        padded_size: int, microbatch_size: int, steps: int | None = None,
+                        map_fn: Callable | None = None) -> tf.data.Dataset:
+    """(x, y, mask) micro-batches of the padded index batches that `draw_indices` returns.
 
-        ds = tf.data.Dataset.from_generator(
-            logical_batches,
-            output_signature=tf.TensorSpec([self.padded_batch_size], tf.int64))
-        ds = ds.unbatch().batch(self.microbatch_size, drop_remainder=True)
-        ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-        if map_fn is not None:
-            ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
+    Each call of `draw_indices` gives one logical batch of `padded_size` indices, -1 for
+    padding (mask 0); it is cut into micro-batches of `microbatch_size` rows.
+    """
+    x = tf.convert_to_tensor(x)
+    y = tf.convert_to_tensor(y)
+    if x.shape[0] != num_examples or y.shape[0] != num_examples:
+        raise ValueError(f"x and y must have {num_examples} examples (num_examples), "
+                         f"got {x.shape[0]} and {y.shape[0]}")
+
+    def logical_batches():
+        step = 0
+        while steps is None or step < steps:
+            yield draw_indices()
+            step += 1
+
+    def gather(indices):
+        safe = tf.maximum(indices, 0)
+        return tf.gather(x, safe), tf.gather(y, safe), tf.cast(indices >= 0, tf.float32)
+
+    ds = tf.data.Dataset.from_generator(
+        logical_batches, output_signature=tf.TensorSpec([padded_size], tf.int64))
+    ds = ds.unbatch().batch(microbatch_size, drop_remainder=True)
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    if map_fn is not None:
+        ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def poisson_batches(x, y, expected_batch_size: float, microbatch_size: int | None = None,
