@@ -3,8 +3,11 @@
 Poisson sampling includes every example independently with probability q at every logical
 step, so batch sizes vary. To keep shapes static (XLA compiles once), each logical batch is
 padded to a fixed size with a 0/1 mask and split into equal micro-batches that `DPSGD`
-accumulates. Padding never drops an example: a batch larger than the padded size (probability
-below `overflow_probability`, computed exactly from the binomial law) raises an error.
+accumulates. The examples come from in-memory arrays or, for datasets too large for memory,
+from a random-access source read by index (`random_access.tfds_source`), through the same
+pipeline (`masked_microbatches`). Padding never drops an example: a batch larger than the
+padded size (probability below `overflow_probability`, computed exactly from the binomial law)
+raises an error.
 """
 
 from __future__ import annotations
@@ -95,10 +98,12 @@ class BatchSampler:
         out[:len(chosen)] = self._rng.permutation(chosen)
         return out
 
-    def dataset(self, x, y, steps: int | None = None,
+    def dataset(self, x, y=None, steps: int | None = None,
                 map_fn: Callable | None = None) -> tf.data.Dataset:
         """An endless (or `steps` logical steps long) dataset of (x, y, mask) micro-batches.
 
+        `x` and `y` are in-memory arrays, or `x` is a random-access source read by index
+        (`dks.data.tfds_source(...)`, e.g. ImageNet) and `y` is None.
         `map_fn(x, y, mask) -> (x, y, mask)`, e.g. augmentation, runs on each micro-batch.
         """
         return masked_microbatches(x, y, self.num_examples, self.sample_indices,
@@ -112,12 +117,33 @@ def masked_microbatches(x, y, num_examples: int, draw_indices: Callable[[], np.n
 
     Each call of `draw_indices` gives one logical batch of `padded_size` indices, -1 for
     padding (mask 0); it is cut into micro-batches of `microbatch_size` rows.
+    `x` and `y` are arrays, or `y` is None and `x` is a random-access source (as
+    `dks.data.tfds_source` returns): ``len(x)`` examples, ``x.tf_records(indices) ->
+    (records, labels)`` reading a micro-batch of indices (-1: padding row), and
+    ``x.tf_decode(record, real) -> image`` decoding one record (zeros where `real` is False),
+    run per example in a parallel map before the rows are grouped back into the same
+    micro-batch.
     """
-    x = tf.convert_to_tensor(x)
-    y = tf.convert_to_tensor(y)
-    if x.shape[0] != num_examples or y.shape[0] != num_examples:
-        raise ValueError(f"x and y must have {num_examples} examples (num_examples), "
-                         f"got {x.shape[0]} and {y.shape[0]}")
+    decode = None
+    if y is None:
+        read, decode = getattr(x, "tf_records", None), getattr(x, "tf_decode", None)
+        if read is None or decode is None:
+            raise TypeError(f"y is None, so x must be a random-access source with tf_records "
+                            f"and tf_decode (dks.data.tfds_source(...)), got "
+                            f"{type(x).__name__}; pass labels as y for in-memory arrays.")
+        if len(x) != num_examples:
+            raise ValueError(f"the source has {len(x)} examples, the sampler expects "
+                             f"{num_examples} (num_examples)")
+    else:
+        x = tf.convert_to_tensor(x)
+        y = tf.convert_to_tensor(y)
+        if x.shape[0] != num_examples or y.shape[0] != num_examples:
+            raise ValueError(f"x and y must have {num_examples} examples (num_examples), "
+                             f"got {x.shape[0]} and {y.shape[0]}")
+
+        def read(indices):
+            safe = tf.maximum(indices, 0)
+            return tf.gather(x, safe), tf.gather(y, safe)
 
     def logical_batches():
         step = 0
@@ -126,15 +152,21 @@ def masked_microbatches(x, y, num_examples: int, draw_indices: Callable[[], np.n
             step += 1
 
     def gather(indices):
-        safe = tf.maximum(indices, 0)
-        return tf.gather(x, safe), tf.gather(y, safe), tf.cast(indices >= 0, tf.float32)
+        xb, yb = read(indices)
+        return xb, yb, tf.cast(indices >= 0, tf.float32)
 
     ds = tf.data.Dataset.from_generator(
         logical_batches, output_signature=tf.TensorSpec([padded_size], tf.int64))
     ds = ds.unbatch().batch(microbatch_size, drop_remainder=True)
-    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    # deterministic=True even if the user's tf.data options allow reordering: a row or a
+    # micro-batch that moved would join another logical step than the one that sampled it.
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if decode is not None:        # one image per map call, then the same rows regrouped
+        ds = ds.unbatch().map(lambda xi, yi, mi: (decode(xi, mi > 0), yi, mi),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(microbatch_size, drop_remainder=True)
     if map_fn is not None:
-        ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
