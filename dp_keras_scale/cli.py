@@ -21,18 +21,24 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from dp_keras_scale.config import ConfigError, bundled_configs, load_config  # noqa: E402
+from dp_keras_scale.config import (ConfigError, bundled_configs, check_complete,  # noqa: E402
+                                   load_config)
 
 TRAIN_HELP = """Trains a config with DP-SGD and writes a run directory: config.toml (resolved),
 metrics.csv/json per epoch (loss, test accuracy, EMA test accuracy, epsilon), privacy.txt/json
 (the privacy statement), model.keras (+ ema_model.keras), summary.json and PNG plots.
 Re-running with the same --out resumes an interrupted run.
 
-Configs are TOML files with sections [run] [data] [model] [privacy] [training]; a bundled
-name (see `dp-keras-scale configs`) or a path. Override any key with --set section.key=value,
-e.g. --set training.epochs=4 --set privacy.target_epsilon=8. With
+Configs are TOML files with sections [run] [data] [model] [privacy] [training] [finetune];
+a bundled name (see `dp-keras-scale configs`) or a path. Override any key with
+--set section.key=value, e.g. --set training.epochs=4 --set privacy.target_epsilon=8. With
 privacy.noise_multiplier = "auto" the noise is calibrated by the accountant so the planned
-steps spend exactly privacy.target_epsilon."""
+steps spend exactly privacy.target_epsilon.
+
+Fine-tuning: --set finetune.source=PATH_OR_TFHUB_HANDLE (a .keras/.h5 file, a SavedModel
+directory or a TF-Hub handle; [model] is then ignored), finetune.mode=all_layers or
+classifier_only (frozen backbone, features computed once and cached in the run directory),
+finetune.classifier=reset|keep|add, finetune.image_size=N (resize to NxN inside the model)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> None:
     from dp_keras_scale import experiment
     config = load_config(args.config, args.set)
+    check_complete(config)             # before any data or model is loaded: a fast, clear error
     out = args.out or os.path.join("runs", config["run"]["name"])
     summary = experiment.train(config, out, verbose=0 if args.quiet else 2)
     print(f"\n{open(os.path.join(out, 'privacy.txt')).read()}")
@@ -109,14 +116,19 @@ def _load_run(run_dir: str, weights: str):
     """The run's config, saved model (final or EMA weights) and data."""
     import keras
 
-    from dp_keras_scale import experiment
+    from dp_keras_scale import experiment, finetune
     config = load_config(os.path.join(run_dir, "config.toml"))
     path = os.path.join(run_dir, "ema_model.keras" if weights == "ema" else "model.keras")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist" + (
             " (the run kept no EMA: training.ema_decay was 0)" if weights == "ema" else
             " (did the run finish?)"))
-    return config, keras.models.load_model(path), experiment._load_data(config)
+    # A fine-tuned model may reload its SavedModel / TF-Hub backbone: only the one its own
+    # config names is trusted (Keras safe mode still refuses anything else).
+    source = config["finetune"]["source"]
+    with finetune.trusted_sources(*([source] if source else [])):
+        model = keras.models.load_model(path)
+    return config, model, experiment._load_data(config)
 
 
 def _evaluate(args) -> None:

@@ -4,6 +4,36 @@ Every key has a default and a type; unknown sections/keys, wrong types and value
 their choices raise `ConfigError` naming the key and what is valid. Bundled configs live in
 ``dp_keras_scale/configs/*.toml`` (``dp-keras-scale train --config NAME``).
 
+``[data] dataset`` names a dataset of ``DATASETS`` (loaded into memory) or ``"tfds:NAME"``: a
+TFDS dataset prepared in the array_record format in ``data_dir`` (a TFDS data directory;
+default $TFDS_DATA_DIR or ~/tensorflow_datasets), read by example index (ImageNet:
+``"tfds:imagenet2012"``). ``image_size``: ``0`` keeps the stored size; N centre-crops and
+resizes every image to N x N as it is read ("tfds:" datasets only; needed when the stored
+sizes vary).
+
+A config file may set a string key to ``"REQUIRED"``: the config then cannot run until the
+user supplies a value (``--set section.key=value``); `check_complete` says which keys are
+missing and `experiment.train` calls it before doing anything.
+
+``[finetune]`` fine-tunes a pretrained backbone instead of training ``[model]`` from scratch:
+
+- ``source``: a TF-Hub handle/URL, a SavedModel directory or a ``.keras``/``.h5`` file; ``""``
+  (default) trains ``[model]`` from scratch. When set, ``[model]`` is ignored.
+- ``mode``: ``"all_layers"`` (DP-SGD through the whole network) or ``"classifier_only"``
+  (frozen backbone; features computed once and cached in the run directory, where they are
+  private data, not covered by DP; no augmult).
+- ``classifier``: ``"reset"`` (new zero-initialized final Dense layer), ``"keep"`` (the
+  pretrained one; same label set) or ``"add"`` (the source is a feature extractor).
+- ``feature_layer``: with ``classifier = "add"``, the layer of a Keras source whose output
+  are the features (``""``: the model's output).
+- ``image_size``: ``0`` keeps the dataset's image size; N resizes images to N x N inside the
+  model (bilinear, antialiased), e.g. 224 for TF-Hub ImageNet backbones. Gray images are
+  repeated to 3 channels when the backbone takes 3.
+- ``pixel_range``: the pixel values the backbone takes: ``"0-255"`` (raw pixel values, like
+  this library's models and most Keras models that standardize inside), ``"0-1"`` (the
+  TF-Hub image convention) or ``"auto"``: ``"0-1"`` for TF-Hub handles and SavedModel
+  directories, ``"0-255"`` for ``.keras``/``.h5`` files.
+
 Example:
     >>> config = load_config("fashion_mnist_cpu", ["training.epochs=3", "privacy.target_epsilon=8"])
     >>> config["training"]["epochs"]
@@ -27,11 +57,19 @@ else:  # pragma: no cover
 from dp_keras_scale.data.sources import DATASETS
 
 ARCHITECTURES = ("small_cnn", "wide_resnet", "nf_resnet")
+TFDS_PREFIX = "tfds:"     # data.dataset = "tfds:NAME": a random-access TFDS dataset
+# The same tuples as dp_keras_scale.finetune.MODES / CLASSIFIERS (kept here so that reading a
+# config does not import TensorFlow).
+FINETUNE_MODES = ("all_layers", "classifier_only")
+FINETUNE_CLASSIFIERS = ("reset", "keep", "add")
+PIXEL_RANGES = ("auto", "0-255", "0-1")
+REQUIRED = "REQUIRED"
 
 # section -> key -> default. The default's type is the key's type (ints are accepted for floats).
 SCHEMA: dict[str, dict[str, Any]] = {
     "run": {"name": "run", "description": ""},
-    "data": {"dataset": "fashion_mnist", "data_dir": "", "train_subset": 0, "test_subset": 0},
+    "data": {"dataset": "fashion_mnist", "data_dir": "", "train_subset": 0, "test_subset": 0,
+             "image_size": 0},
     "model": {"architecture": "small_cnn", "widths": [16, 32, 32, 64], "groups": 8,
               "weight_standardization": True, "depth": 16, "width": 4.0, "stem": "cifar",
               "dropout": 0.0},
@@ -41,6 +79,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "training": {"batch_size": 512, "microbatch_size": 192, "epochs": 2.0, "steps": 0,
                  "learning_rate": 4.0, "momentum": 0.0, "augmult": 0, "pad": 4, "flip": False,
                  "ema_decay": 0.0, "seed": "random", "jit_compile": True},
+    "finetune": {"source": "", "mode": "all_layers", "classifier": "reset", "feature_layer": "",
+                 "image_size": 0, "pixel_range": "auto"},
 }
 
 CHOICES: dict[tuple[str, str], tuple] = {
@@ -49,6 +89,9 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("model", "stem"): ("cifar", "imagenet"),
     ("privacy", "accountant"): ("pld", "rdp"),
     ("privacy", "sampling"): ("poisson", "fixed"),
+    ("finetune", "mode"): FINETUNE_MODES,
+    ("finetune", "classifier"): FINETUNE_CLASSIFIERS,
+    ("finetune", "pixel_range"): PIXEL_RANGES,
 }
 
 # Keys that take either one keyword or a number of the given type.
@@ -117,9 +160,19 @@ def _check_value(section: str, key: str, value: Any) -> Any:
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}.")
+    if value == REQUIRED:
+        return value          # a placeholder the user must fill (see check_complete)
+    if (section, key) == ("data", "dataset") and value.startswith(TFDS_PREFIX):
+        if value == TFDS_PREFIX:
+            raise ConfigError(f"{where} = {value!r} names no dataset; write e.g. "
+                              "'tfds:imagenet2012' (a TFDS dataset prepared as array_record).")
+        return value
     choices = CHOICES.get((section, key))
     if choices is not None and value not in choices:
-        raise ConfigError(f"{where} = {value!r} is not valid; choose one of {', '.join(choices)}.")
+        more = " or 'tfds:NAME' (a TFDS dataset prepared as array_record)" if (
+            section, key) == ("data", "dataset") else ""
+        raise ConfigError(f"{where} = {value!r} is not valid; choose one of "
+                          f"{', '.join(choices)}{more}.")
     return value
 
 
@@ -127,6 +180,7 @@ def resolve(raw: dict, overrides: Iterable[tuple[str, str, Any]] = ()) -> dict:
     """Defaults, then ``raw``, then overrides; every key checked. Returns a new dict."""
     config = copy.deepcopy(SCHEMA)
     items = [(s, k, v) for s, table in raw.items() for k, v in _section_items(s, table)]
+    required = set()
     for section, key, value in [*items, *overrides]:
         if section not in SCHEMA:
             raise ConfigError(f"Unknown config section [{section}]; valid sections: "
@@ -134,9 +188,39 @@ def resolve(raw: dict, overrides: Iterable[tuple[str, str, Any]] = ()) -> dict:
         if key not in SCHEMA[section]:
             raise ConfigError(f"Unknown key {section}.{key}; valid keys of [{section}]: "
                               f"{', '.join(SCHEMA[section])}.")
+        if value == REQUIRED and not isinstance(SCHEMA[section][key], str):
+            raise ConfigError(f"{section}.{key}: only string keys can be {REQUIRED!r}.")
+        if value == REQUIRED:
+            required.add((section, key))
+        elif (section, key) in required and value == "":
+            raise ConfigError(f"{section}.{key} is required by this config and cannot be "
+                              f"empty: {_REQUIRED_HINTS.get((section, key), 'set a value')}.")
         config[section][key] = _check_value(section, key, value)
     _check_ranges(config)
     return config
+
+
+_REQUIRED_HINTS = {
+    ("finetune", "source"): "give the pretrained backbone with --set finetune.source=PATH (a "
+                            ".keras/.h5 file, a SavedModel directory or a TF-Hub handle)",
+}
+
+
+def check_complete(config: dict) -> None:
+    """Raises `ConfigError` if a key the config marks ``"REQUIRED"`` was not given a value.
+
+    Example:
+        >>> check_complete(load_config("fashion_mnist_finetune_cpu"))
+        Traceback (most recent call last):
+        ConfigError: finetune.source is REQUIRED by config 'fashion_mnist_finetune_cpu': ...
+    """
+    missing = [(s, k) for s, table in config.items() for k, v in table.items() if v == REQUIRED]
+    if missing:
+        name = config.get("run", {}).get("name", "?")
+        raise ConfigError("; ".join(
+            f"{s}.{k} is REQUIRED by config {name!r}: "
+            f"{_REQUIRED_HINTS.get((s, k), f'set it with --set {s}.{k}=VALUE')}"
+            for s, k in missing) + ".")
 
 
 def _section_items(section: str, table: Any):
@@ -156,6 +240,7 @@ def _check_ranges(config: dict) -> None:
             raise ConfigError(f"{section}.{key} must be > 0, got {config[section][key]}.")
     for section, key in [("training", "steps"), ("training", "augmult"), ("training", "pad"),
                          ("data", "train_subset"), ("data", "test_subset"),
+                         ("data", "image_size"),
                          ("model", "groups"),
                          ("training", "momentum"), ("training", "ema_decay")]:
         if config[section][key] < 0:
@@ -169,6 +254,30 @@ def _check_ranges(config: dict) -> None:
     if p["noise_multiplier"] != "auto" and p["noise_multiplier"] < 0:
         raise ConfigError(f"privacy.noise_multiplier must be >= 0 or 'auto', got "
                           f"{p['noise_multiplier']}.")
+    _check_finetune(config)
+
+
+def _check_finetune(config: dict) -> None:
+    f, t = config["finetune"], config["training"]
+    if f["image_size"] < 0:
+        raise ConfigError(f"finetune.image_size must be >= 0 (0 keeps the dataset's size), "
+                          f"got {f['image_size']}.")
+    if not f["source"]:
+        changed = [k for k, v in f.items() if k != "source" and v != SCHEMA["finetune"][k]]
+        if changed:
+            raise ConfigError(
+                f"finetune.{', finetune.'.join(changed)} set but finetune.source is empty (no "
+                "fine-tuning): set finetune.source to a pretrained backbone, or remove them.")
+        return
+    if f["feature_layer"] and f["classifier"] != "add":
+        raise ConfigError("finetune.feature_layer picks the features for a new classifier: "
+                          "use it with finetune.classifier = \"add\".")
+    if f["mode"] == "classifier_only" and t["augmult"]:
+        raise ConfigError(
+            "training.augmult > 0 with finetune.mode = \"classifier_only\": the features are "
+            "computed once from the un-augmented images and cached, so there are no augmented "
+            "copies to average. Set training.augmult = 0, or use finetune.mode = "
+            "\"all_layers\".")
 
 
 def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> dict:

@@ -6,6 +6,13 @@ per epoch: step, loss, test accuracy, EMA test accuracy, epsilon), ``privacy.txt
 ``summary.json`` and PNG plots. Re-running the same command with the same directory resumes
 an interrupted run (`keras.callbacks.BackupAndRestore` under ``backup/``).
 
+Fine-tuning (``[finetune] source``): the model is a pretrained backbone plus a classifier.
+In ``classifier_only`` mode the directory also holds the cached backbone features
+(``features_train.npy``, ``features_test.npy``, ``features_key.json``) that DP-SGD trains the
+classifier on; ``model.keras`` is always the whole model, images -> logits. The cached
+features are a non-private function of the private images: keep them with the data, never
+publish them with the model.
+
 Example:
     >>> summary = train(load_config("fashion_mnist_cpu"), "runs/fmnist")
     >>> summary["test_accuracy"], summary["epsilon"]
@@ -14,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -23,21 +31,33 @@ from typing import Any
 import keras
 import numpy as np
 
-from dp_keras_scale import accounting, callbacks, data, models
-from dp_keras_scale.config import dumps
+from dp_keras_scale import accounting, callbacks, data, finetune, models
+from dp_keras_scale.config import check_complete, dumps
 from dp_keras_scale.model import DPScaleModel
 from dp_keras_scale.optimizers import DPSGD
 
 # Published per-dataset pixel statistics (public constants; nothing is computed on private data).
 PIXEL_MEAN_STD = {"mnist": (0.1307, 0.3081), "fashion_mnist": (0.2860, 0.3530),
                   "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-                  "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
-NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+                  "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                  "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
+               "imagenet2012": 1000}
+
+
+def _dataset_constant(table: dict, dataset: str, table_name: str):
+    """``table[dataset]``; a "tfds:NAME" dataset uses NAME's entry."""
+    key = dataset.removeprefix(data.random_access.TFDS_PREFIX).split(":")[0].split("/")[0]
+    if key not in table:
+        raise ValueError(f"Dataset {dataset!r} has no entry in dp_keras_scale.experiment."
+                         f"{table_name}: add {key!r} there (published values only, never "
+                         "statistics computed on the private data).")
+    return table[key]
 
 
 def _standardized_input(input_shape, dataset: str):
     """uint8 images -> standardized floats, as the first layers of a model."""
-    mean, std = PIXEL_MEAN_STD[dataset]
+    mean, std = _dataset_constant(PIXEL_MEAN_STD, dataset, "PIXEL_MEAN_STD")
     inputs = keras.Input(input_shape, name="images")
     scaled = keras.layers.Rescaling(1 / 255.0)(inputs)
     return inputs, keras.layers.Normalization(mean=mean, variance=np.square(std),
@@ -47,9 +67,9 @@ def _standardized_input(input_shape, dataset: str):
 def build_model(config: dict, input_shape: tuple[int, ...]) -> keras.Model:
     """The `DPScaleModel` named by ``config["model"]`` for uint8 images of ``input_shape``."""
     m, dataset = config["model"], config["data"]["dataset"]
-    classes = NUM_CLASSES[dataset]
+    classes = _dataset_constant(NUM_CLASSES, dataset, "NUM_CLASSES")
     if m["architecture"] == "small_cnn":
-        mean, std = PIXEL_MEAN_STD[dataset]
+        mean, std = _dataset_constant(PIXEL_MEAN_STD, dataset, "PIXEL_MEAN_STD")
         if not np.isscalar(mean):
             mean, std = float(np.mean(mean)), float(np.mean(std))
         return models.small_cnn(input_shape, classes, widths=tuple(m["widths"]),
@@ -85,8 +105,8 @@ class EpochMetrics(keras.callbacks.Callback):
                 self.rows = json.load(f)
 
     def _accuracy(self) -> float:
-        result = self.model.evaluate(self.x_test, self.y_test, batch_size=1000, verbose=0,
-                                     return_dict=True)
+        x, y = _evaluation_input(self.x_test, self.y_test)
+        result = self.model.evaluate(x, y, batch_size=1000, verbose=0, return_dict=True)
         return float(result["accuracy"])
 
     def on_epoch_end(self, epoch, logs=None):
@@ -115,15 +135,37 @@ def write_metrics(rows: list[dict], run_dir: str) -> None:
 
 
 def _load_data(config: dict):
+    """(x, y, x_test, y_test): arrays, or for a "tfds:" dataset random-access sources
+    (`data.TFDSSource`) with y = y_test = None."""
     d = config["data"]
-    data_dir = d["data_dir"] or None
-    x, y = data.load(d["dataset"], "train", data_dir=data_dir)
-    x_test, y_test = data.load(d["dataset"], "test", data_dir=data_dir)
+    data_dir, size = d["data_dir"] or None, d["image_size"] or None
+    if d["dataset"].startswith(data.random_access.TFDS_PREFIX):
+        train_split = f"train[:{d['train_subset']}]" if d["train_subset"] else "train"
+        source = data.open_dataset(d["dataset"], train_split, data_dir, image_size=size)
+        test = data.open_dataset(d["dataset"], "test", data_dir, image_size=size)
+        if d["test_subset"]:
+            test = data.open_dataset(d["dataset"], f"{test.split}[:{d['test_subset']}]",
+                                     data_dir, image_size=size)
+        return source, None, test, None
+    x, y = data.open_dataset(d["dataset"], "train", data_dir, image_size=size)
+    x_test, y_test = data.open_dataset(d["dataset"], "test", data_dir, image_size=size)
     if d["train_subset"]:
         x, y = x[:d["train_subset"]], y[:d["train_subset"]]
     if d["test_subset"]:
         x_test, y_test = x_test[:d["test_subset"]], y_test[:d["test_subset"]]
     return x, y, x_test, y_test
+
+
+def _image_shape(x) -> tuple[int, ...]:
+    """The shape of one training image (arrays or a random-access source)."""
+    return tuple(x.image_shape) if isinstance(x, data.TFDSSource) else tuple(x.shape[1:])
+
+
+def _evaluation_input(x, y):
+    """`model.evaluate` arguments: arrays as they are, a source as an in-order dataset."""
+    if isinstance(x, data.TFDSSource):
+        return x.dataset(1000), None
+    return x, y
 
 
 def plan(config: dict, dataset_size: int) -> dict:
@@ -144,30 +186,228 @@ def plan(config: dict, dataset_size: int) -> dict:
             "epochs": math.ceil(steps / steps_per_epoch), "noise_multiplier": float(sigma)}
 
 
+def pixel_scale(config: dict, source: keras.layers.Layer) -> float:
+    """The factor from uint8 pixel values to what the backbone takes (``finetune.pixel_range``).
+
+    ``"auto"``: [0, 1] (TF-Hub's image convention) for SavedModels and TF-Hub handles; raw
+    0-255 values for Keras models (this library's models, like most Keras models, standardize
+    inside).
+    """
+    rng = config["finetune"]["pixel_range"]
+    if rng == "auto":
+        rng = "0-1" if isinstance(source, finetune.SavedModelLayer) else "0-255"
+    return 1 / 255.0 if rng == "0-1" else 1.0
+
+
+def finetune_model(config: dict, image_shape: tuple[int, ...],
+                   source: keras.layers.Layer | str | None = None) -> keras.Model:
+    """The `DPScaleModel` images -> logits that ``config["finetune"]`` describes.
+
+    `source` is the already loaded backbone (`finetune.load_source`), or None to load
+    ``finetune.source``. Images of `image_shape` (the dataset's) are fitted to the backbone
+    by `finetune.AdaptImages` inside the model (``image_size``, gray -> RGB, ``pixel_range``).
+    """
+    ft = config["finetune"]
+    loaded = finetune.load_source(ft["source"]) if source is None else source
+    return finetune.build(loaded, _dataset_constant(NUM_CLASSES, config["data"]["dataset"],
+                                                    "NUM_CLASSES"), mode=ft["mode"],
+                          classifier=ft["classifier"], feature_layer=ft["feature_layer"] or None,
+                          image_shape=tuple(image_shape), image_size=ft["image_size"] or None,
+                          pixel_scale=pixel_scale(config, loaded), name="finetune")
+
+
+def _sha256_file(path: str, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest
+
+
+def source_fingerprint(source: keras.layers.Layer, name: str) -> str:
+    """SHA-256 of the backbone's files (a .keras/.h5 file, or every file of a SavedModel), or
+    of the configuration of a built-in backbone (`finetune.BUILTIN_BACKBONES`)."""
+    if name in finetune.BUILTIN_BACKBONES:
+        config = json.dumps(source.get_config(), sort_keys=True, default=str)
+        return hashlib.sha256(config.encode()).hexdigest()
+    path = getattr(source, "saved_model_path", None) or name
+    if os.path.isfile(path):
+        return _sha256_file(path).hexdigest()
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for fname in sorted(files):
+            full = os.path.join(root, fname)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            _sha256_file(full, digest)
+    return digest.hexdigest()
+
+
+def _array_sha256(*arrays) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
+
+
+FEATURE_FILES = ("features_train.npy", "features_test.npy")
+FEATURE_KEY = "features_key.json"
+
+
+def cached_features(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str,
+                    verbose: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train and test features of `model`'s frozen backbone, computed once per run directory.
+
+    The features are saved in ``run_dir`` (``features_train.npy``, ``features_test.npy``)
+    with ``features_key.json``: the source and a SHA-256 of its files, the options that shape
+    the features, and SHA-256s of the train and test images and labels. A later call (a
+    resumed run) loads them only if that key is unchanged, else computes them again.
+
+    The cached features are computed from the private images WITHOUT noise: like the data
+    itself, they must not be released (only the DP-trained model and metrics are covered).
+
+    Returns (train features, test features, {"reused": bool, "seconds": float, "dim": int}).
+    """
+    ft = config["finetune"]
+    backbone = model.get_layer(finetune.BACKBONE_NAME)
+    inner = getattr(backbone, "layer", backbone)
+    key = {"source": ft["source"], "source_sha256": source_fingerprint(inner, ft["source"]),
+           **{k: ft[k] for k in ("mode", "classifier", "feature_layer", "image_size",
+                                  "pixel_range")},
+           "train": {"examples": len(x), "sha256": _array_sha256(x, y)},
+           "test": {"examples": len(x_test), "sha256": _array_sha256(x_test, y_test)}}
+    paths = [os.path.join(run_dir, f) for f in FEATURE_FILES]
+    key_path = os.path.join(run_dir, FEATURE_KEY)
+    old_key = None
+    if os.path.exists(key_path):
+        with open(key_path) as f:
+            old_key = json.load(f)
+    if old_key == key and all(os.path.exists(p) for p in paths):
+        features, features_test = (np.load(p) for p in paths)
+        if len(features) == len(x) and len(features_test) == len(x_test):
+            if verbose:
+                print(f"Reusing the cached features in {run_dir} ({features.shape[1]} per "
+                      "image; source and data unchanged).", flush=True)
+            return features, features_test, {"reused": True, "seconds": 0.0,
+                                             "dim": int(features.shape[1])}
+    if old_key is not None and old_key != key and os.path.isdir(os.path.join(run_dir, "backup")):
+        raise ValueError(
+            f"{run_dir} holds an interrupted run whose features came from another source or "
+            "other data (features_key.json differs): resuming it would train its classifier on "
+            "different features. Use a new --out directory, or delete "
+            f"{os.path.join(run_dir, 'backup')} to start this run over.")
+    start = time.time()
+    if verbose:
+        print(f"Computing features of {len(x)} training and {len(x_test)} test images with "
+              f"the frozen backbone '{ft['source']}' (once; cached in {run_dir}).", flush=True)
+    computed = [finetune.extract_features(model, images, verbose=1 if verbose else 0)
+                for images in (x, x_test)]
+    if os.path.exists(key_path):
+        os.remove(key_path)                  # the old features are no longer valid
+    for array, path in zip(computed, paths):
+        partial = path + ".partial.npy"
+        np.save(partial, array)
+        os.replace(partial, path)
+    with open(key_path, "w") as f:           # written last: a complete cache has a key
+        json.dump(key, f, indent=1)
+    return computed[0], computed[1], {"reused": False, "seconds": round(time.time() - start, 1),
+                                      "dim": int(computed[0].shape[1])}
+
+
 def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     """DP-trains ``config`` and fills ``run_dir``; returns the summary (also summary.json).
+
+    With ``[finetune] source`` set, the model is the pretrained backbone plus a classifier
+    (`finetune_model`). In ``classifier_only`` mode the backbone's features are computed once
+    (cached in ``run_dir`` as ``features_train.npy`` / ``features_test.npy`` with
+    ``features_key.json``; a re-run reuses them when source and data are unchanged) and DP-SGD
+    trains the classifier on feature rows; ``model.keras`` is still the whole images -> logits
+    model.
 
     Example:
         >>> summary = train(load_config("mnist_cpu", ["training.steps=10"]), "runs/smoke")
     """
     from dp_keras_scale import plots            # matplotlib is only needed here
 
+    check_complete(config)
     start = time.time()
+    ft, t = config["finetune"], config["training"]
+    source = finetune.load_source(ft["source"]) if ft["source"] else None   # fail fast
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.toml"), "w") as f:
         f.write(dumps(config))
-    t, p = config["training"], config["privacy"]
     seed = None if t["seed"] == "random" else t["seed"]
     x, y, x_test, y_test = _load_data(config)
+    if isinstance(x, data.TFDSSource) and ft["mode"] == "classifier_only" and source is not None:
+        raise ValueError("finetune.mode = 'classifier_only' caches features of in-memory "
+                         f"images; {config['data']['dataset']} is read from disk. Use "
+                         "finetune.mode = 'all_layers'.")
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = (finetune_model(config, _image_shape(x), source) if source is not None
+             else build_model(config, _image_shape(x)))
+    extra: dict[str, Any] = {}
+    if source is not None:
+        extra["finetune"] = {k: ft[k] for k in ("source", "mode", "classifier")}
+    if ft["mode"] == "classifier_only" and source is not None:
+        features, features_test, extra["features"] = cached_features(
+            model, config, x, y, x_test, y_test, run_dir, verbose)
+        trained = finetune.classifier_head(model)
+        train_x, test_x = features, features_test
+    else:
+        trained, train_x, test_x = model, x, x_test
+
+    schedule, statement = _dp_fit(trained, config, train_x, y, test_x, y_test, run_dir,
+                                  verbose, seed)
+    statement.save(os.path.join(run_dir, "privacy.json"))
+    if trained is not model:
+        # The whole images -> logits model, ready for evaluate(). Its only trainable weights
+        # are the classifier's, which the head trained: it takes over the head's optimizer
+        # (step counter, noise key, EMA), so the saved model carries them as usual.
+        model.compile(optimizer=trained.optimizer,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], jit_compile=t["jit_compile"])
+    model.save(os.path.join(run_dir, "model.keras"))
+    p = config["privacy"]
+    summary = {"name": config["run"]["name"], "dataset": config["data"]["dataset"],
+               "train_examples": len(x), "test_examples": len(x_test),
+               "steps": statement.steps, "noise_multiplier": statement.noise_multiplier,
+               "sampling_rate": schedule["sampling_rate"], "epsilon": statement.epsilon,
+               "delta": p["delta"], "test_accuracy": _accuracy(trained, test_x, y_test), **extra}
+    if t["ema_decay"] > 0:
+        with callbacks.averaged_weights(trained, "ema"):   # shares the classifier with model
+            summary["ema_test_accuracy"] = _accuracy(trained, test_x, y_test)
+            model.save(os.path.join(run_dir, "ema_model.keras"))
+    summary["wall_time_s"] = round(time.time() - start, 1)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        plots.training_curves(json.load(f), run_dir)
+    return summary
+
+
+def _accuracy(model: keras.Model, x, y) -> float:
+    x, y = _evaluation_input(x, y)
+    return float(model.evaluate(x, y, batch_size=1000, verbose=0,
+                                return_dict=True)["accuracy"])
+
+
+def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str,
+            verbose: int, seed: int | None):
+    """The DP-SGD loop shared by every run: Poisson batches of rows of `x` (images or cached
+    features), DPSGD, privacy budget, EMA, per-epoch test metrics, resumable checkpoints.
+
+    Returns the schedule and the privacy statement of the steps taken.
+    """
+    t, p = config["training"], config["privacy"]
     n = len(x)
     schedule = plan(config, n)
     sampler = data.BatchSampler(n, t["batch_size"], sampling=p["sampling"],
                                 microbatch_size=t["microbatch_size"], seed=seed)
     map_fn = (data.augmult_map(t["augmult"], pad=t["pad"], flip=t["flip"], seed=seed)
               if t["augmult"] else None)
-    if seed is not None:
-        keras.utils.set_random_seed(seed)
-    model = build_model(config, x.shape[1:])
     model.compile(
         optimizer=_optimizer(config, sampler, seed, schedule["noise_multiplier"]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -183,38 +423,19 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
         fit_callbacks.append(callbacks.EMA(t["ema_decay"], use_for_validation=False))
     fit_callbacks.append(EpochMetrics(x_test, y_test, run_dir, ema, budget))
     if verbose:
-        print(f"{config['run']['name']}: {n} examples, Poisson rate {schedule['sampling_rate']:.5f}, "
-              f"{schedule['steps']} steps, noise multiplier {schedule['noise_multiplier']:.4g}, "
-              f"target epsilon {p['target_epsilon']:g} at delta {p['delta']:g}")
+        rows = "feature rows" if getattr(x, "ndim", 4) == 2 else "examples"
+        print(f"{config['run']['name']}: {n} {rows}, Poisson rate "
+              f"{schedule['sampling_rate']:.5f}, {schedule['steps']} steps, noise multiplier "
+              f"{schedule['noise_multiplier']:.4g}, target epsilon {p['target_epsilon']:g} at "
+              f"delta {p['delta']:g}", flush=True)
     model.fit(sampler.dataset(x, y, map_fn=map_fn), epochs=schedule["epochs"],
               steps_per_epoch=schedule["steps_per_epoch"] * sampler.accumulation_steps,
               callbacks=fit_callbacks, verbose=verbose)
-
-    steps = int(model.optimizer.iterations)
-    sigma = model.optimizer.noise_multiplier
     statement = accounting.privacy_statement(
-        sigma, schedule["sampling_rate"], steps, p["delta"], p["l2_norm_clip"],
-        dataset_size=n, sampling=p["sampling"], augmult=max(1, t["augmult"]),
-        accountant=p["accountant"])
-    statement.save(os.path.join(run_dir, "privacy.json"))
-    model.save(os.path.join(run_dir, "model.keras"))
-    summary = {"name": config["run"]["name"], "dataset": config["data"]["dataset"],
-               "train_examples": n, "test_examples": len(x_test), "steps": steps,
-               "noise_multiplier": sigma, "sampling_rate": schedule["sampling_rate"],
-               "epsilon": statement.epsilon, "delta": p["delta"],
-               "test_accuracy": float(model.evaluate(x_test, y_test, batch_size=1000,
-                                                     verbose=0, return_dict=True)["accuracy"])}
-    if ema:
-        with callbacks.averaged_weights(model, "ema"):
-            summary["ema_test_accuracy"] = float(model.evaluate(
-                x_test, y_test, batch_size=1000, verbose=0, return_dict=True)["accuracy"])
-            model.save(os.path.join(run_dir, "ema_model.keras"))
-    summary["wall_time_s"] = round(time.time() - start, 1)
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        plots.training_curves(json.load(f), run_dir)
-    return summary
+        model.optimizer.noise_multiplier, schedule["sampling_rate"],
+        int(model.optimizer.iterations), p["delta"], p["l2_norm_clip"], dataset_size=n,
+        sampling=p["sampling"], augmult=max(1, t["augmult"]), accountant=p["accountant"])
+    return schedule, statement
 
 
 def _optimizer(config: dict, sampler, seed, noise_multiplier: float) -> DPSGD:

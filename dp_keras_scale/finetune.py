@@ -16,6 +16,12 @@ Two modes, as in De et al. (2022):
   (`classifier_head`): Poisson sampling of rows of the feature array is the same mechanism, with
   the same guarantee, as sampling the images, and each step costs a single Dense layer.
 
+Images are fitted to the backbone inside the model by `AdaptImages` (``build(...,
+image_shape=..., image_size=..., pixel_scale=...)``): resize, gray -> RGB, pixel scale, all per
+example and vectorized. Models whose backbone is a SavedModel reload it when loaded from a
+``.keras`` file; Keras safe mode refuses that unless the source is listed in
+`trusted_sources`.
+
 The classifier is either new (``classifier="reset"``: the source's final Dense layer is replaced
 by a zero-initialized one; ``classifier="add"``: the source is a feature extractor, a
 zero-initialized Dense layer is added on its output) or the pretrained one (``"keep"``, for
@@ -37,19 +43,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import sys
+import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from dp_keras_scale.model import DPScaleModel
+from dp_keras_scale.models.scatternet import ScatterNet
 
 __all__ = ["MODES", "CLASSIFIERS", "BackboneNotFoundError", "SavedModelLayer", "InferenceMode",
-           "backbone", "build", "extract_features", "classifier_head"]
+           "AdaptImages", "backbone", "build", "extract_features", "classifier_head",
+           "load_source", "trusted_sources"]
 
 MODES = ("all_layers", "classifier_only")
 CLASSIFIERS = ("reset", "keep", "add")
@@ -60,6 +71,10 @@ CLASSIFIER_NAME = "classifier"
 _SLOW_GRADIENT_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput",
                       "Conv3DBackpropInputV2")
 _HUB_PREFIXES = ("http://", "https://", "gs://")
+# Data-independent backbones available by name (no file, nothing learned from data).
+BUILTIN_BACKBONES: dict[str, Callable[[], keras.layers.Layer]] = {
+    "scatternet": lambda: ScatterNet(name=BACKBONE_NAME),
+}
 
 
 class BackboneNotFoundError(FileNotFoundError):
@@ -252,12 +267,50 @@ class SavedModelLayer(keras.layers.Layer):
     @classmethod
     def from_config(cls, config, custom_objects=None, safe_mode=None):
         from keras.src.saving import serialization_lib
-        if safe_mode if safe_mode is not None else serialization_lib.in_safe_mode():
+        config = dict(config)
+        safe = safe_mode if safe_mode is not None else serialization_lib.in_safe_mode()
+        if safe and not _is_trusted(config.get("path"), config.get("handle")):
             raise ValueError(
                 f"Loading this model reloads the SavedModel at {config.get('path')!r}, which "
                 "runs its TensorFlow graph. Keras refuses this in safe mode: if you trust the "
-                "file, pass safe_mode=False to keras.models.load_model.")
+                "file, pass safe_mode=False to keras.models.load_model (or load it inside "
+                "dks.finetune.trusted_sources(source)).")
+        handle = config.get("handle")
+        if handle and not os.path.isdir(config["path"]):   # another machine: its TF-Hub cache
+            config["path"] = _resolve_hub(handle)
         return cls(**config)
+
+
+_TRUSTED: list[set[str]] = []
+
+
+def _normalized(source: str) -> str:
+    return source if _is_hub_handle(source) else os.path.realpath(os.path.expanduser(source))
+
+
+def _is_trusted(path: str | None, handle: str | None) -> bool:
+    trusted = set().union(*_TRUSTED) if _TRUSTED else set()
+    return bool((handle and handle in trusted) or (path and _normalized(path) in trusted))
+
+
+@contextlib.contextmanager
+def trusted_sources(*sources: str | os.PathLike) -> Iterator[None]:
+    """Lets `keras.models.load_model` (safe mode) reload these SavedModel backbones.
+
+    Safe mode refuses a saved model that reloads a SavedModel (its TensorFlow graph runs on
+    load). Inside this block, models whose backbone is one of `sources` (TF-Hub handles or
+    SavedModel directories, as given to `build`) load anyway; any other SavedModel is still
+    refused.
+
+    Example:
+        >>> with trusted_sources("https://tfhub.dev/google/bit/m-r50x1/1"):
+        ...     model = keras.models.load_model("runs/bit/model.keras")
+    """
+    _TRUSTED.append({_normalized(os.fspath(s)) for s in sources if os.fspath(s)})
+    try:
+        yield
+    finally:
+        _TRUSTED.pop()
 
 
 # --------------------------------------------------------------------------- inference wrapper
@@ -299,6 +352,102 @@ class InferenceMode(keras.layers.Layer):
         return cls(**config)
 
 
+@keras.saving.register_keras_serializable(package="dp_keras_scale")
+class AdaptImages(keras.layers.Layer):
+    """Fits the private images to a backbone: resize, gray -> RGB, pixel scale. No weights.
+
+    Each image is transformed on its own (bilinear resize with antialiasing to ``size``, the
+    same values as ``tf.image.resize(..., antialias=True)``; a single channel repeated
+    ``channels`` times; pixel values multiplied by ``scale``), so the layer changes neither
+    per-example sensitivity nor the accounting. The resize is written as two matrix products
+    (it is linear and separable), which vectorize over the examples of a DP step; TensorFlow's
+    antialiased resize op would fall back to a per-example loop there.
+
+    Args:
+        size: (height, width) the backbone takes, or None to keep the images' size.
+        channels: channels the backbone takes; 1-channel images are repeated to fill them.
+        scale: factor on the pixel values (e.g. 1/255 for backbones that take [0, 1] images).
+
+    Example:
+        >>> adapt = AdaptImages(size=(224, 224), channels=3, scale=1 / 255)
+        >>> adapt(np.zeros([2, 32, 32, 1], "uint8")).shape
+        TensorShape([2, 224, 224, 3])
+    """
+
+    def __init__(self, size: tuple[int, int] | None = None, channels: int | None = None,
+                 scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.channels = None if channels is None else int(channels)
+        self.scale = float(scale)
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        height, width = self.size if self.size is not None else tuple(input_shape[1:3])
+        return (input_shape[0], height, width, self.channels or input_shape[-1])
+
+    def call(self, inputs):
+        x = tf.cast(inputs, self.compute_dtype)
+        if self.size is not None and tuple(x.shape[1:3]) != self.size:
+            rows = _resize_matrix(x.shape[1], self.size[0], x.dtype)
+            cols = _resize_matrix(x.shape[2], self.size[1], x.dtype)
+            x = tf.einsum("hi,...ijc,wj->...hwc", rows, x, cols)
+        if self.channels is not None and x.shape[-1] != self.channels:
+            if x.shape[-1] != 1:
+                raise ValueError(f"AdaptImages can repeat a single channel, not map "
+                                 f"{x.shape[-1]} channels to {self.channels}.")
+            x = tf.repeat(x, self.channels, axis=-1)
+        return x * self.scale if self.scale != 1.0 else x
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "size": self.size, "channels": self.channels,
+                "scale": self.scale}
+
+
+def _resize_matrix(n_in: int, n_out: int, dtype) -> tf.Tensor:
+    """[n_out, n_in] weights of 1-D antialiased bilinear resizing (as tf.image.resize)."""
+    if n_in is None:
+        raise ValueError("AdaptImages needs images of a known size to resize them.")
+    eye = tf.eye(n_in, dtype=tf.float32)[:, None, :]       # n_in one-pixel "channels"
+    weights = tf.image.resize(eye, (n_out, 1), method="bilinear", antialias=True)
+    return tf.cast(weights[:, 0, :], dtype)
+
+
+def _adapter(image_shape: tuple, source_shape: tuple | None, image_size: int | None,
+             pixel_scale: float, name: str) -> tuple[AdaptImages | None, tuple]:
+    """The `AdaptImages` (or None) from `image_shape` images to the backbone, and its input shape.
+
+    Rules: ``image_size`` (if given) resizes to image_size x image_size, else the images keep
+    their size; a backbone with a fixed spatial size must then match it. Gray images are
+    repeated to 3 channels when the backbone takes 3; other channel mismatches are errors.
+    """
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be (height, width, channels), got {image_shape}")
+    height, width, channels = (int(d) for d in image_shape)
+    want = (None, None, None) if source_shape is None else tuple(source_shape)
+    if len(want) != 3:
+        raise ValueError(f"Backbone '{name}' takes inputs of shape {want}, not images "
+                         "(height, width, channels).")
+    size = (image_size, image_size) if image_size else (height, width)
+    if any(w is not None and w != s for w, s in zip(want[:2], size)):
+        hint = (f"set image_size={want[0]} (finetune.image_size) to resize the images"
+                if want[0] == want[1] and None not in want[:2] else "resize the images first")
+        raise ValueError(f"Backbone '{name}' takes {want[0]}x{want[1]} images, the model "
+                         f"would give it {size[0]}x{size[1]}: {hint}.")
+    target_channels = want[2] if want[2] is not None else channels
+    if target_channels != channels and channels != 1:
+        raise ValueError(f"Backbone '{name}' takes {target_channels}-channel images, the data "
+                         f"have {channels}: only 1-channel (gray) images are converted (to "
+                         f"{target_channels} equal channels).")
+    backbone_shape = (*size, target_channels)
+    if backbone_shape == (height, width, channels) and pixel_scale == 1.0:
+        return None, backbone_shape
+    adapt = AdaptImages(size=None if size == (height, width) else size,
+                        channels=None if target_channels == channels else target_channels,
+                        scale=pixel_scale, name="adapt_images")
+    return adapt, backbone_shape
+
+
 # --------------------------------------------------------------------------- loading sources
 
 
@@ -324,6 +473,26 @@ def _resolve_hub(handle: str) -> str:
             "directory instead of the handle.") from error
 
 
+def load_source(source, signature: str | None = None, output_key: str | None = None
+                ) -> keras.layers.Layer:
+    """Loads a backbone source as it is: a Keras model, or a `SavedModelLayer`.
+
+    Resolves TF-Hub handles (``TFHUB_CACHE_DIR``) and reads files, so a missing source fails
+    here, before any work. The result can be passed to `build` or `backbone` as `source`.
+
+    Example:
+        >>> loaded = load_source("pretrained.keras")
+        >>> model = build(loaded, 10, mode="classifier_only")
+    """
+    return _load_source(source, signature, output_key)
+
+
+def _source_name(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return getattr(source, "_source", None) or getattr(source, "name", repr(source))
+
+
 def _load_source(source, signature: str | None, output_key: str | None
                  ) -> keras.layers.Layer:
     """Loads `source` as a Keras model (Keras files, Keras models) or a SavedModelLayer."""
@@ -334,6 +503,8 @@ def _load_source(source, signature: str | None, output_key: str | None
             f"backbone source must be a TF-Hub handle/URL, a SavedModel directory, a .keras or "
             f".h5 file, or a keras.Model; got {type(source).__name__}.")
     text = os.fspath(source)
+    if text in BUILTIN_BACKBONES:
+        return BUILTIN_BACKBONES[text]()
     if isinstance(source, str) and _is_hub_handle(text):
         path = _resolve_hub(text)
         return SavedModelLayer(path, signature=signature, output_key=output_key, handle=text,
@@ -458,32 +629,40 @@ def _final_dense(model: keras.layers.Layer, source) -> keras.layers.Dense:
     return last
 
 
+def _source_input_shape(loaded: keras.layers.Layer) -> tuple | None:
+    """The backbone's input shape without the batch axis (None entries: any size), if known."""
+    inputs = getattr(loaded, "inputs", None)
+    if inputs:
+        return tuple(inputs[0].shape[1:])
+    shape = getattr(loaded, "saved_input_shape", None)
+    return None if shape is None else tuple(shape[1:])
+
+
 def _input_shape(loaded: keras.layers.Layer, input_shape, source) -> tuple:
     if input_shape is not None:
         return tuple(input_shape)
-    inputs = getattr(loaded, "inputs", None)
-    if inputs:
-        shape = tuple(inputs[0].shape[1:])
-    else:
-        shape = getattr(loaded, "saved_input_shape", None)
-        shape = None if shape is None else tuple(shape[1:])
+    shape = _source_input_shape(loaded)
     if shape is None or None in shape:
         raise ValueError(f"Cannot infer the input shape of backbone '{source}' (got {shape}): "
-                         "pass input_shape=(height, width, channels).")
+                         "pass input_shape=(height, width, channels), or image_shape=... (the "
+                         "images' shape) with image_size=... for a backbone of any size.")
     return shape
 
 
 def build(source, num_classes: int, *, mode: str = "all_layers", classifier: str = "reset",
           input_shape: tuple[int, ...] | None = None, feature_layer: str | int | None = None,
           signature: str | None = None, output_key: str | None = None,
-          model_class: type[keras.Model] = DPScaleModel, name: str = "finetune") -> keras.Model:
+          image_shape: tuple[int, int, int] | None = None, image_size: int | None = None,
+          pixel_scale: float = 1.0, model_class: type[keras.Model] = DPScaleModel,
+          name: str = "finetune") -> keras.Model:
     """A `DPScaleModel` images -> logits made of a pretrained backbone and a classifier.
 
     The model's layers named ``"backbone"`` and ``"classifier"`` are the two parts
-    (`extract_features` and `classifier_head` use them).
+    (`extract_features` and `classifier_head` use them). With `image_shape`, an `AdaptImages`
+    layer named ``"adapt_images"`` first fits the images to the backbone.
 
     Args:
-        source: anything `backbone` accepts.
+        source: anything `backbone` accepts (or `load_source` returns).
         num_classes: number of classes of the private task.
         mode: ``"all_layers"`` (train everything; BatchNorm frozen) or ``"classifier_only"``
             (backbone frozen in inference mode; train the classifier).
@@ -491,14 +670,26 @@ def build(source, num_classes: int, *, mode: str = "all_layers", classifier: str
             Dense(num_classes); ``"keep"``: keep the pretrained classifier (label sets must
             match: it must have ``num_classes`` outputs); ``"add"``: the source is a feature
             extractor (e.g. a TF-Hub feature vector), add a zero-initialized Dense(num_classes).
-        input_shape: image shape without batch axis (default: the source's).
+        input_shape: the backbone's input shape without batch axis (default: the source's).
         feature_layer: with ``classifier="add"``, cut a Keras source at this layer.
         signature, output_key: see `backbone`.
+        image_shape: shape of the images the model will be given (e.g. the dataset's
+            ``(28, 28, 1)``), when it differs from what the backbone takes. The rules:
+            ``image_size`` resizes them to image_size x image_size (bilinear, antialiased),
+            else they keep their size and a backbone with a fixed size must match it; gray
+            images are repeated to 3 channels when the backbone takes 3 (other channel
+            mismatches are errors); pixel values are multiplied by ``pixel_scale``.
+        image_size: see `image_shape` (needs it).
+        pixel_scale: see `image_shape` (needs it), e.g. 1/255 for TF-Hub image models, which
+            take values in [0, 1].
         model_class: `DPScaleModel` (default) or keras.Model for non-private training.
 
     Example:
         >>> model = build("pretrained.keras", 10, mode="all_layers", classifier="reset")
         >>> model.compile(optimizer=dks.DPSGD(1.0, noise_multiplier=2.0), loss=...)
+        >>> bit = build("https://tfhub.dev/google/bit/m-r50x1/1", 10, mode="classifier_only",
+        ...             classifier="add", image_shape=(32, 32, 3), image_size=224,
+        ...             pixel_scale=1 / 255)
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -507,9 +698,21 @@ def build(source, num_classes: int, *, mode: str = "all_layers", classifier: str
     if feature_layer is not None and classifier != "add":
         raise ValueError("feature_layer picks the features for a new classifier: use it with "
                          "classifier='add'.")
+    if image_shape is None and (image_size or pixel_scale != 1.0):
+        raise ValueError("image_size and pixel_scale adapt images of a given shape: pass "
+                         "image_shape=(height, width, channels) too.")
+    if image_shape is not None and input_shape is not None:
+        raise ValueError("Give image_shape (the images; the backbone's input follows from it) "
+                         "or input_shape (the backbone's input), not both.")
     trainable = mode == "all_layers"
     loaded = _load_source(source, signature, output_key)
-    shape = _input_shape(loaded, input_shape, source)
+    source = _source_name(source)
+    adapt = None
+    if image_shape is not None:
+        adapt, shape = _adapter(tuple(image_shape), _source_input_shape(loaded), image_size,
+                                float(pixel_scale), source)
+    else:
+        shape = _input_shape(loaded, input_shape, source)
     pretrained_head = None
 
     if isinstance(loaded, SavedModelLayer):
@@ -539,12 +742,13 @@ def build(source, num_classes: int, *, mode: str = "all_layers", classifier: str
             features = loaded
         features = backbone(features, trainable=trainable)
 
-    inputs = keras.Input(shape, name="images")
+    inputs = keras.Input(tuple(image_shape) if image_shape is not None else shape,
+                         name="images")
     if mode == "classifier_only":
         features = InferenceMode(features, name=BACKBONE_NAME)
     elif features.name != BACKBONE_NAME:
         features = _sub_model_wrapper(features, shape)
-    h = features(inputs)
+    h = features(adapt(inputs) if adapt is not None else inputs)
 
     if classifier == "keep" and pretrained_head is None:      # SavedModel returning logits
         if h.shape[-1] != num_classes:
@@ -579,31 +783,66 @@ def _sub_model_wrapper(layer: keras.layers.Layer, shape: tuple) -> keras.Model:
 # --------------------------------------------------------------------------- cached features
 
 
-def extract_features(model: keras.layers.Layer, x, batch_size: int = 256) -> np.ndarray:
-    """Runs the frozen backbone once over `x` (inference mode) and returns the features.
+def _feature_function(model: keras.layers.Layer) -> keras.layers.Layer:
+    """The part of `model` that computes the classifier's input (images -> features)."""
+    if not isinstance(model, keras.Model):
+        return model
+    names = {layer.name for layer in model.layers}
+    if CLASSIFIER_NAME in names and getattr(model, "inputs", None):
+        return keras.Model(model.inputs, model.get_layer(CLASSIFIER_NAME).input,
+                           name=f"{model.name}_features")
+    if BACKBONE_NAME in names:
+        return model.get_layer(BACKBONE_NAME)
+    return model
 
-    `model` is a model from `build` (its "backbone" layer is used) or a backbone itself.
-    Features are a fixed function of each example, so DP-SGD on rows of the returned array
-    (sampled by `dks.data.BatchSampler`) has the same guarantee as DP-SGD on the images, as
-    long as the backbone never saw the private data.
+
+class _Progress:
+    """Progress over `total` examples: a Keras progress bar on a terminal; on a log (not a
+    terminal), one counted line per tenth of the work, so logs are not flooded."""
+
+    def __init__(self, total: int, verbose: int, what: str):
+        self.total, self.what, self.verbose = total, what, verbose
+        self.tty = bool(getattr(sys.stdout, "isatty", lambda: False)())
+        self.bar = (keras.utils.Progbar(total, unit_name="image")
+                    if verbose and self.tty else None)
+        self.start, self.next_line = time.time(), 0
+
+    def update(self, done: int) -> None:
+        if not self.verbose:
+            return
+        if self.bar is not None:
+            self.bar.update(done)
+            return
+        if done >= self.next_line or done == self.total:
+            print(f"{self.what}: {done}/{self.total} images ({100 * done // self.total}%), "
+                  f"{time.time() - self.start:.0f} s", flush=True)
+            self.next_line = done + max(1, self.total // 10)
+
+
+def extract_features(model: keras.layers.Layer, x, batch_size: int = 256, verbose: int = 0
+                     ) -> np.ndarray:
+    """Runs the frozen feature part of `model` once over `x` and returns the features.
+
+    `model` is a model from `build` (everything before its "classifier" layer is used,
+    including the `AdaptImages` resize) or a backbone itself. Features are a fixed function of
+    each example, so DP-SGD on rows of the returned array (sampled by `dks.data.BatchSampler`)
+    has the same guarantee as DP-SGD on the images, as long as the backbone never saw the
+    private data. ``verbose=1`` shows progress (a progress bar on a terminal; counted lines,
+    one per 10%, otherwise).
 
     Example:
-        >>> features = extract_features(model, x_train)          # [N, feature_dim] float32
+        >>> features = extract_features(model, x_train, verbose=1)   # [N, feature_dim] float32
     """
-    part = model
-    if isinstance(model, keras.Model):
-        try:
-            part = model.get_layer(BACKBONE_NAME)
-        except ValueError:
-            part = model
-    dtype = tf.float32
+    if len(x) == 0:
+        raise ValueError("extract_features got no examples.")
+    part = _feature_function(model)
     compute = tf.function(lambda t: part(t, training=False), reduce_retracing=True)
+    progress = _Progress(len(x), verbose, "features")
     chunks = []
     for start in range(0, len(x), batch_size):
         chunk = tf.convert_to_tensor(np.asarray(x[start:start + batch_size]))
-        chunks.append(compute(tf.cast(chunk, dtype)).numpy())
-    if not chunks:
-        raise ValueError("extract_features got no examples.")
+        chunks.append(compute(tf.cast(chunk, tf.float32)).numpy())
+        progress.update(min(start + batch_size, len(x)))
     return np.concatenate(chunks).astype(np.float32)
 
 

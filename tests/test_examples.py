@@ -70,3 +70,22 @@ def test_quickstart_notebook_executes(tmp_path):
     printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
                       for o in c.outputs)
     assert "EMA test accuracy" in printed and "DP-SGD privacy statement" in printed
+
+
+def test_finetune_example_pretrains_then_dp_finetunes_both_ways():
+    import dp_keras_scale as dks
+    out = _run_example(ROOT / "examples" / "finetune.py", "--quick", "--seed", "0",
+                       "--epsilon", "3")
+    assert re.search(r"Pre-trained on MNIST \(public, non-private\): 30 steps", out), out[-2000:]
+    match = re.search(r"Poisson rate q=([0-9.]+), (\d+) steps, noise multiplier ([0-9.]+)", out)
+    assert match, out[-2000:]
+    q, steps, sigma = float(match.group(1)), int(match.group(2)), float(match.group(3))
+    expected_eps = dks.accounting.epsilon(sigma, q, steps, 1e-5)
+    for arm in ("classifier only", "all layers"):
+        found = re.search(arm + r": test accuracy ([0-9.]+); epsilon = ([0-9.]+) at delta = "
+                          r"1e-05 \((\d+) steps\)", out)
+        assert found, out[-2000:]
+        assert 0 <= float(found.group(1)) <= 1 and int(found.group(3)) == steps
+        assert float(found.group(2)) == pytest.approx(expected_eps, abs=1e-3)
+        assert float(found.group(2)) <= 3.0 + 1e-3
+    assert "features: 2000/2000 images (100%)" in out         # extraction progress

