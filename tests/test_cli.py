@@ -28,7 +28,8 @@ def cli(*args, timeout=600):
 def test_every_bundled_config_resolves_and_fits_its_privacy_target(name):
     config = cfg.load_config(name)
     assert cfg.resolve(__import__("tomllib").loads(cfg.dumps(config))) == config
-    size = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}[
+    size = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000,
+            "tfds:imagenet2012": 1_281_167}[
         config["data"]["dataset"]]
     schedule = plan(config, size)
     p = config["privacy"]
