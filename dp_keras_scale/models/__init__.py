@@ -2,7 +2,7 @@
 
 from dp_keras_scale.models.cnn import small_cnn
 from dp_keras_scale.models.nf_resnet import nf_resnet
-from dp_keras_scale.models.scatternet import Scattering2D, scatternet
+from dp_keras_scale.models.scatternet import ScatterNet, Scattering2D, scatternet
 from dp_keras_scale.models.wide_resnet import wide_resnet
 
-__all__ = ["Scattering2D", "nf_resnet", "scatternet", "small_cnn", "wide_resnet"]
+__all__ = ["ScatterNet", "Scattering2D", "nf_resnet", "scatternet", "small_cnn", "wide_resnet"]

@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 
 
-__all__ = ["Scattering2D", "scattering_channels", "scatternet"]
+__all__ = ["ScatterNet", "Scattering2D", "scattering_channels", "scatternet"]
 
 
 def scattering_channels(J: int, L: int) -> int:
@@ -79,8 +79,10 @@ class Scattering2D(keras.layers.Layer):
         maps = self._transform(planes)                                # [B, C, K, h, w]
         maps = tf.transpose(maps, [0, 3, 4, 1, 2])                    # [B, h, w, C, K]
         step = 2 ** self.J
-        return tf.reshape(maps, [batch, height // step, width // step,
-                                 channels * scattering_channels(self.J, self.L)])
+        out = tf.reshape(maps, [batch, height // step, width // step,
+                                channels * scattering_channels(self.J, self.L)])
+        out.set_shape(self.compute_output_shape(tuple(images.shape)))
+        return out
 
     def compute_output_shape(self, input_shape):
         step = 2 ** self.J
@@ -89,6 +91,55 @@ class Scattering2D(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "J": self.J, "L": self.L}
+
+
+@keras.saving.register_keras_serializable(package="dp_keras_scale")
+class ScatterNet(keras.layers.Layer):
+    """Pixels -> flat, per-example normalized scattering features, as one layer (no weights).
+
+    Multiplies by `pixel_scale`, applies `Scattering2D(J, L)`, a GroupNorm over the maps
+    without learned scale or offset (``groups``; None or 0 to skip) and flattens. Built for
+    the image size it first sees. The name ``"scatternet"`` as a `dks.finetune` source (and
+    ``finetune.source = "scatternet"`` in configs) means this layer with its defaults.
+
+    Example:
+        >>> ScatterNet()(tf.zeros([2, 28, 28, 1])).shape          # 81 maps of 7x7
+        TensorShape([2, 3969])
+    """
+
+    def __init__(self, J: int = 2, L: int = 8, groups: int | None = 27,
+                 pixel_scale: float = 1 / 255.0, **kwargs):
+        super().__init__(**kwargs)
+        self.J, self.L, self.groups, self.pixel_scale = J, L, groups or 0, float(pixel_scale)
+        self.scattering = Scattering2D(J, L, name="scattering")
+        self.normalize = None
+        self.trainable = False
+
+    def build(self, input_shape):
+        self.scattering.build(input_shape)
+        maps = input_shape[-1] * scattering_channels(self.J, self.L)
+        if self.groups:
+            if maps % self.groups:
+                raise ValueError(f"groups={self.groups} must divide the {maps} scattering maps "
+                                 f"({input_shape[-1]} channels x "
+                                 f"{scattering_channels(self.J, self.L)}).")
+            self.normalize = keras.layers.GroupNormalization(
+                groups=self.groups, center=False, scale=False, epsilon=1e-5, name="normalize")
+            self.normalize.build(self.scattering.compute_output_shape(input_shape))
+
+    def call(self, images):
+        h = self.scattering(tf.cast(images, tf.float32) * self.pixel_scale)
+        if self.normalize is not None:
+            h = self.normalize(h)
+        return tf.reshape(h, [-1, h.shape[1] * h.shape[2] * h.shape[3]])
+
+    def compute_output_shape(self, input_shape):
+        _, height, width, maps = self.scattering.compute_output_shape(input_shape)
+        return (input_shape[0], height * width * maps)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "J": self.J, "L": self.L, "groups": self.groups,
+                "pixel_scale": self.pixel_scale}
 
 
 def scatternet(input_shape: tuple[int, int, int] = (28, 28, 1), J: int = 2, L: int = 8,
@@ -111,14 +162,5 @@ def scatternet(input_shape: tuple[int, int, int] = (28, 28, 1), J: int = 2, L: i
         >>> head = dks.finetune.classifier_head(model)              # DP-train this on features
     """
     inputs = keras.Input(input_shape, name="images")
-    h = keras.layers.Rescaling(pixel_scale, name="pixel_scale")(inputs)
-    h = Scattering2D(J, L, name="scattering")(h)
-    if groups:
-        maps = h.shape[-1]
-        if maps % groups:
-            raise ValueError(f"groups={groups} must divide the {maps} scattering maps "
-                             f"({input_shape[-1]} channels x {scattering_channels(J, L)}).")
-        h = keras.layers.GroupNormalization(groups=groups, center=False, scale=False, epsilon=1e-5,
-                                            name="normalize")(h)
-    outputs = keras.layers.Flatten(name="features")(h)
-    return model_class(inputs, outputs, name=name)
+    features = ScatterNet(J, L, groups, pixel_scale, name="features")
+    return model_class(inputs, features(inputs), name=name)

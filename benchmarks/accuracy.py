@@ -1,0 +1,93 @@
+"""Test accuracy of the best CPU recipe on MNIST and Fashion-MNIST at several epsilons.
+
+    python benchmarks/accuracy.py                          # eps 1, 3, 8 on both, 1 seed each
+    python benchmarks/accuracy.py --seeds 3 --epsilons 3   # median of 3 runs at eps 3
+
+Each run is `dp-keras-scale train --config {mnist,fashion_mnist}_scatternet --set
+privacy.target_epsilon=EPS`: scattering features computed once, a linear classifier DP-trained
+on them (noise calibrated for the target), full test sets. Seeds are the OS RNG's (every run
+draws fresh sampling and noise). Writes benchmarks/results/accuracy.{md,json,png}; run
+directories go under benchmarks/results/accuracy/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from dp_keras_scale import config as cfg  # noqa: E402
+from dp_keras_scale import experiment  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+CONFIGS = {"mnist": "mnist_scatternet", "fashion_mnist": "fashion_mnist_scatternet"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="fashion_mnist,mnist")
+    parser.add_argument("--epsilons", default="1,3,8")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per setting (median shown)")
+    parser.add_argument("--out", default=str(RESULTS / "accuracy"))
+    args = parser.parse_args()
+
+    rows = []
+    for dataset in args.datasets.split(","):
+        for eps in [float(e) for e in args.epsilons.split(",")]:
+            runs = []
+            for seed in range(args.seeds):
+                config = cfg.load_config(CONFIGS[dataset], [f"privacy.target_epsilon={eps}"])
+                run_dir = os.path.join(args.out, f"{dataset}_eps{eps:g}_run{seed}")
+                summary = experiment.train(config, run_dir, verbose=0)
+                runs.append(summary)
+                print(f"{dataset} eps {eps:g} run {seed}: "
+                      f"acc {summary['test_accuracy']:.4f} "
+                      f"ema {summary.get('ema_test_accuracy', float('nan')):.4f} "
+                      f"eps {summary['epsilon']:.3f} {summary['wall_time_s']:.0f} s", flush=True)
+            rows.append({"dataset": dataset, "target_epsilon": eps, "runs": runs,
+                         "median_accuracy": statistics.median(
+                             r.get("ema_test_accuracy", r["test_accuracy"]) for r in runs)})
+            write(rows, args)             # after every setting: a stopped run keeps its rows
+
+
+def write(rows: list[dict], args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"`python benchmarks/accuracy.py {' '.join(sys.argv[1:])}` (full test sets; "
+             "accuracy of the EMA weights; wall time includes feature extraction)", "",
+             "| dataset | (eps, delta) | test accuracy | runs | steps | sigma | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        runs = r["runs"]
+        accs = ", ".join(f"{100 * x.get('ema_test_accuracy', x['test_accuracy']):.2f}"
+                         for x in runs)
+        lines.append(f"| {r['dataset']} | ({runs[0]['epsilon']:.2f}, {runs[0]['delta']:g}) | "
+                     f"**{100 * r['median_accuracy']:.2f}%** | {accs} | {runs[0]['steps']} | "
+                     f"{runs[0]['noise_multiplier']:.3f} | "
+                     f"{max(x['wall_time_s'] for x in runs):.0f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=1))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        ax.plot([r["target_epsilon"] for r in mine], [100 * r["median_accuracy"] for r in mine],
+                "o-", label=dataset)
+    ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy (%)",
+           title="ScatterNet + DP linear classifier")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "accuracy.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
