@@ -97,3 +97,14 @@ def test_dp_linear_classifier_on_cached_scattering_features_learns_mnist():
     # The image model shares the trained classifier: evaluate it on raw test images.
     predictions = np.argmax(model(x_test).numpy(), axis=1)
     assert np.mean(predictions == y_test) > 0.85
+
+
+def test_builtin_scatternet_source_matches_the_python_backbone():
+    # finetune.source = "scatternet" (configs) builds the same features as the Python API.
+    x, _ = dks.data.load("mnist", "test")
+    model = finetune.build("scatternet", 10, mode="classifier_only", classifier="add",
+                           image_shape=(28, 28, 1))
+    reference = dks.models.scatternet((28, 28, 1))
+    np.testing.assert_allclose(finetune.extract_features(model, x[:8]), reference(x[:8]).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert not model.get_layer(finetune.BACKBONE_NAME).trainable_weights
