@@ -78,11 +78,15 @@ def write(rows: list[dict], args) -> None:
     (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=1))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        mine = [r for r in rows if r["dataset"] == dataset]
+        mine = sorted((r for r in rows if r["dataset"] == dataset),
+                      key=lambda r: r["target_epsilon"])
         ax.plot([r["target_epsilon"] for r in mine], [100 * r["median_accuracy"] for r in mine],
                 "o-", label=dataset)
+    epsilons = sorted({r["target_epsilon"] for r in rows})
     ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy (%)",
-           title="ScatterNet + DP linear classifier")
+           title="ScatterNet + DP linear classifier", xticks=epsilons,
+           xticklabels=[f"{e:g}" for e in epsilons])
+    ax.minorticks_off()
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "accuracy.png", dpi=120)
