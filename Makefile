@@ -38,7 +38,7 @@ bench-throughput: $(STAMP)
 bench-input: $(STAMP) $(DATA_STAMP)
 	$(PY) benchmarks/input_pipeline.py
 
-# The paper's ablation on Fashion-MNIST (about an hour on 2 CPU cores).
+# The paper's ablation on Fashion-MNIST (about 1.5-2 h on 2 CPU cores).
 bench-ablation: $(STAMP) $(DATA_STAMP)
 	$(PY) benchmarks/ablation.py
 
