@@ -53,10 +53,10 @@ def main() -> None:
             rows.append({"dataset": dataset, "target_epsilon": eps, "runs": runs,
                          "median_accuracy": statistics.median(
                              r.get("ema_test_accuracy", r["test_accuracy"]) for r in runs)})
-            write(rows, args)             # after every setting: a stopped run keeps its rows
+            write(rows)                   # after every setting: a stopped run keeps its rows
 
 
-def write(rows: list[dict], args) -> None:
+def write(rows: list[dict]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
