@@ -574,12 +574,16 @@ def calibrate_steps(
             "noise_multiplier, lower the sampling rate, or accept a larger target_epsilon."
         )
     # Exponential search for an infeasible step count. PLD starts from the RDP count: it
-    # is cheap and, PLD being tighter, normally feasible for PLD too.
+    # is cheap and, PLD being tighter, normally feasible for PLD too. RDP may find no
+    # feasible step at all where PLD does (small sigma, few steps): then start from 1.
     lo = 1
     if accountant == "pld":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            start = calibrate_steps(target, sigma, q, delta, "rdp", sampling, n, max_steps)
+            try:
+                start = calibrate_steps(target, sigma, q, delta, "rdp", sampling, n, max_steps)
+            except ValueError:
+                start = 1
         if eps(start) <= target:
             lo = start
     growth = 1.25 if lo > 1 else 4.0

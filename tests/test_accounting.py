@@ -158,6 +158,17 @@ def test_calibrate_steps_is_the_largest_within_budget(acc):
     assert steps >= 875  # the paper's run fits in eps=1
 
 
+def test_calibrate_steps_pld_where_rdp_allows_no_step():
+    # Small sigma, few planned steps: RDP says one step already exceeds eps=3, PLD allows 5.
+    q, target = 256 / 20_000, 3.0
+    sigma = accounting.calibrate_noise_multiplier(target, q, 5, 1e-5, accountant="pld")
+    assert accounting.epsilon(sigma, q, 1, 1e-5, accountant="rdp") > target
+    steps = accounting.calibrate_steps(target, sigma, q, 1e-5, accountant="pld")
+    assert accounting.epsilon(sigma, q, steps, 1e-5, accountant="pld") <= target
+    assert accounting.epsilon(sigma, q, steps + 1, 1e-5, accountant="pld") > target
+    assert steps >= 5
+
+
 def test_calibration_unreachable_targets():
     with pytest.raises(ValueError, match="out of reach.*fewer steps"):
         accounting.calibrate_noise_multiplier(1e-3, 1.0, 1_000_000, 1e-5, accountant="rdp")
