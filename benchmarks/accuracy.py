@@ -6,8 +6,10 @@
 Each run is `dp-keras-scale train --config {mnist,fashion_mnist}_scatternet --set
 privacy.target_epsilon=EPS`: scattering features computed once, a linear classifier DP-trained
 on them (noise calibrated for the target), full test sets. Seeds are the OS RNG's (every run
-draws fresh sampling and noise). Writes benchmarks/results/accuracy.{md,json,png}; run
-directories go under benchmarks/results/accuracy/.
+draws fresh sampling and noise). Writes benchmarks/results/accuracy.{md,json,png} and
+accuracy_curves.png (test accuracy per epoch); run directories go under
+benchmarks/results/accuracy/. A run for some settings replaces those rows and keeps the other
+rows of earlier runs; every row names the command that produced it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "accuracy"))
     args = parser.parse_args()
 
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    path = RESULTS / "accuracy.json"
+    earlier = json.loads(path.read_text()) if path.exists() else []
     rows = []
     for dataset in args.datasets.split(","):
         for eps in [float(e) for e in args.epsilons.split(",")]:
@@ -45,15 +50,24 @@ def main() -> None:
                 config = cfg.load_config(CONFIGS[dataset], [f"privacy.target_epsilon={eps}"])
                 run_dir = os.path.join(args.out, f"{dataset}_eps{eps:g}_run{seed}")
                 summary = experiment.train(config, run_dir, verbose=0)
+                with open(os.path.join(run_dir, "metrics.json")) as f:
+                    summary["curve"] = json.load(f)
                 runs.append(summary)
                 print(f"{dataset} eps {eps:g} run {seed}: "
                       f"acc {summary['test_accuracy']:.4f} "
                       f"ema {summary.get('ema_test_accuracy', float('nan')):.4f} "
                       f"eps {summary['epsilon']:.3f} {summary['wall_time_s']:.0f} s", flush=True)
             rows.append({"dataset": dataset, "target_epsilon": eps, "runs": runs,
-                         "median_accuracy": statistics.median(
+                         "command": command, "median_accuracy": statistics.median(
                              r.get("ema_test_accuracy", r["test_accuracy"]) for r in runs)})
-            write(rows)                   # after every setting: a stopped run keeps its rows
+            write(merge(earlier, rows))   # after every setting: a stopped run keeps its rows
+
+
+def merge(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """Earlier rows, each replaced by this run's row for the same setting; new ones last."""
+    new = {(r["dataset"], r["target_epsilon"]): r for r in rows}
+    kept = [new.pop((r["dataset"], r["target_epsilon"]), r) for r in earlier]
+    return kept + list(new.values())
 
 
 def write(rows: list[dict]) -> None:
@@ -61,10 +75,12 @@ def write(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"`python benchmarks/accuracy.py {' '.join(sys.argv[1:])}` (full test sets; "
-             "accuracy of the EMA weights; wall time includes feature extraction)", "",
-             "| dataset | (eps, delta) | test accuracy | runs | steps | sigma | wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    lines = ["Full test sets; accuracy of the EMA weights; wall time includes feature "
+             "extraction. Commands:", ""]
+    lines += [f"{i + 1}. `{c}`" for i, c in enumerate(commands)]
+    lines += ["", "| dataset | (eps, delta) | test accuracy | runs | steps | sigma | "
+              "wall time (s) | command |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         runs = r["runs"]
         accs = ", ".join(f"{100 * x.get('ema_test_accuracy', x['test_accuracy']):.2f}"
@@ -72,7 +88,8 @@ def write(rows: list[dict]) -> None:
         lines.append(f"| {r['dataset']} | ({runs[0]['epsilon']:.2f}, {runs[0]['delta']:g}) | "
                      f"**{100 * r['median_accuracy']:.2f}%** | {accs} | {runs[0]['steps']} | "
                      f"{runs[0]['noise_multiplier']:.3f} | "
-                     f"{max(x['wall_time_s'] for x in runs):.0f} |")
+                     f"{max(x['wall_time_s'] for x in runs):.0f} | "
+                     f"{commands.index(r['command']) + 1} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "accuracy.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "accuracy.json").write_text(json.dumps(rows, indent=1))
@@ -90,7 +107,26 @@ def write(rows: list[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "accuracy.png", dpi=120)
+    plot_curves(rows, plt)
     print("\n".join(lines))
+
+
+def plot_curves(rows: list[dict], plt) -> None:
+    """Test accuracy (EMA weights) after each epoch, for every run that recorded its curve."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in rows:
+        for i, run in enumerate(x for x in r["runs"] if "curve" in x):
+            key = "ema_test_accuracy" if "ema_test_accuracy" in run["curve"][0] else \
+                "test_accuracy"
+            ax.plot([c["epoch"] for c in run["curve"]], [100 * c[key] for c in run["curve"]],
+                    label=f"{r['dataset']} eps {r['target_epsilon']:g} (run {i})")
+    if not ax.lines:
+        plt.close(fig)
+        return
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="ScatterNet + DP linear classifier")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "accuracy_curves.png", dpi=120)
 
 
 if __name__ == "__main__":
