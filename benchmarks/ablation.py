@@ -1,7 +1,8 @@
 """The paper's ablation on real data: add one trick per row at a fixed (eps, delta).
 
     python benchmarks/ablation.py                       # Fashion-MNIST, (3, 1e-5), 2 epochs per row
-    python benchmarks/ablation.py --epochs 1 --train-subset 5000     # quick check
+    python benchmarks/ablation.py --seeds 3             # median of 3 runs per row
+    python benchmarks/ablation.py --epochs 0.06 --train-subset 20000   # quick check (minutes)
 
 Rows (each adds one change to the previous row, like De et al. 2022, Table 1):
 baseline without normalization -> + GroupNorm -> + larger batch (same epochs, so same
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per row (median shown)")
     parser.add_argument("--train-subset", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "ablation"))
     args = parser.parse_args()
@@ -59,22 +62,26 @@ def main() -> None:
         overrides += change
         config = cfg.load_config("fashion_mnist_cpu", overrides)
         config["run"]["name"] = f"ablation_{index}"
-        summary = experiment.train(config, os.path.join(args.out, f"row{index}"), verbose=0)
-        rows.append(row(label, summary["test_accuracy"], summary, change))
-        if "ema_test_accuracy" in summary:
-            rows.append(row(EMA_ROW, summary["ema_test_accuracy"], summary,
-                            ["(same run, EMA weights)"]))
-    write(rows, args)
+        runs = [experiment.train(config, os.path.join(args.out, f"row{index}_run{seed}"),
+                                 verbose=0) for seed in range(args.seeds)]
+        rows.append(row(label, [r["test_accuracy"] for r in runs], runs, change))
+        if "ema_test_accuracy" in runs[0]:
+            rows.append(row(EMA_ROW, [r["ema_test_accuracy"] for r in runs], runs,
+                            ["(same runs, EMA weights)"]))
+        write(rows, args)                 # after every row: a stopped run keeps its rows
 
 
-def row(label: str, accuracy: float, summary: dict, change: list[str]) -> dict:
-    """One table row; printed as soon as it is known."""
-    print(f"{label:32s} acc {accuracy:.4f}  eps {summary['epsilon']:.3f}  "
-          f"steps {summary['steps']}  sigma {summary['noise_multiplier']:.3f}  "
-          f"{summary['wall_time_s']:.0f} s", flush=True)
-    return {"row": label, "test_accuracy": accuracy, "epsilon": summary["epsilon"],
-            "steps": summary["steps"], "noise_multiplier": summary["noise_multiplier"],
-            "wall_time_s": summary["wall_time_s"], "overrides": change}
+def row(label: str, accuracies: list[float], runs: list[dict], change: list[str]) -> dict:
+    """One table row (median over the runs); printed as soon as it is known."""
+    first, accuracy = runs[0], statistics.median(accuracies)
+    wall = max(r["wall_time_s"] for r in runs)
+    print(f"{label:32s} acc {accuracy:.4f} ({', '.join(f'{a:.4f}' for a in accuracies)})  "
+          f"eps {first['epsilon']:.3f}  steps {first['steps']}  "
+          f"sigma {first['noise_multiplier']:.3f}  {wall:.0f} s", flush=True)
+    return {"row": label, "test_accuracy": accuracy, "runs": accuracies,
+            "epsilon": first["epsilon"], "steps": first["steps"],
+            "noise_multiplier": first["noise_multiplier"], "wall_time_s": wall,
+            "overrides": change}
 
 
 def write(rows: list[dict], args) -> None:
@@ -83,24 +90,31 @@ def write(rows: list[dict], args) -> None:
     import matplotlib.pyplot as plt
 
     lines = [f"Ablation on {args.dataset} at (eps={args.epsilon:g}, delta=1e-5), "
-             f"{args.epochs:g} epochs per row (`python benchmarks/ablation.py "
-             f"{' '.join(sys.argv[1:])}`).", "",
-             "| row | test accuracy | change vs previous | steps | sigma | wall s |",
-             "|---|---|---|---|---|---|"]
+             f"{args.epochs:g} epochs per row, median of {args.seeds} run(s) "
+             f"(`python benchmarks/ablation.py {' '.join(sys.argv[1:])}`).", "",
+             "| row | test accuracy | runs | change vs previous | steps | sigma | wall s |",
+             "|---|---|---|---|---|---|---|"]
     previous = None
     for r in rows:
         change = "" if previous is None else f"{100 * (r['test_accuracy'] - previous):+.1f} pts"
         previous = r["test_accuracy"]
-        lines.append(f"| {r['row']} | {100 * r['test_accuracy']:.1f}% | {change} | {r['steps']} | "
-                     f"{r['noise_multiplier']:.3f} | {r['wall_time_s']:.0f} |")
+        runs = ", ".join(f"{100 * a:.1f}" for a in r["runs"])
+        lines.append(f"| {r['row']} | {100 * r['test_accuracy']:.1f}% | {runs} | {change} | "
+                     f"{r['steps']} | {r['noise_multiplier']:.3f} | {r['wall_time_s']:.0f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "ablation.json").write_text(json.dumps(rows, indent=1))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh([r["row"] for r in rows][::-1], [100 * r["test_accuracy"] for r in rows][::-1])
-    ax.set(xlabel="test accuracy (%)", title=f"{args.dataset}, eps={args.epsilon:g}")
+    labels = [r["row"] for r in rows][::-1]
+    ax.barh(labels, [100 * r["test_accuracy"] for r in rows][::-1], color="lightsteelblue")
+    for y, r in enumerate(rows[::-1]):
+        ax.plot([100 * a for a in r["runs"]], [y] * len(r["runs"]), "k.")
+    low = min(a for r in rows for a in r["runs"])
+    ax.set(xlabel="test accuracy (%): median bar, runs as dots", xlim=(100 * low - 5, None),
+           title=f"{args.dataset}, eps={args.epsilon:g}")
     fig.tight_layout()
     fig.savefig(RESULTS / "ablation.png", dpi=120)
+    plt.close(fig)
     print("\n".join(lines))
 
 
