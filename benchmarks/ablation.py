@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py                       # Fashion-MNIST, (3, 1e-5), 2 epochs per row
     python benchmarks/ablation.py --seeds 3             # median of 3 runs per row
+    python benchmarks/ablation.py --epochs 6 --name ablation_6ep   # a longer budget per row
     python benchmarks/ablation.py --epochs 0.06 --train-subset 20000   # quick check (minutes)
 
 Rows (each adds one change to the previous row, like De et al. 2022, Table 1):
@@ -11,8 +12,8 @@ multiplicity (K copies: K times the compute, as in the paper) -> + parameter EMA
 The EMA row is not a new training run: EMA is post-processing of the weights, so it is the
 augmult row's own run evaluated with its averaged weights (same trajectory, same privacy cost).
 Noise is calibrated per row for the same (eps, delta). Writes
-benchmarks/results/ablation.{md,json,png}; each row's run directory is under
-benchmarks/results/ablation/.
+benchmarks/results/NAME.{md,json,png} (NAME: --name, default "ablation"); each row's run
+directories are under benchmarks/results/NAME/.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--seeds", type=int, default=1, help="runs per row (median shown)")
     parser.add_argument("--train-subset", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "ablation"))
+    parser.add_argument("--name", default="ablation",
+                        help="results go to benchmarks/results/NAME.{md,json,png} and NAME/")
+    parser.add_argument("--out", default=None, help="run directories (default: results/NAME)")
     args = parser.parse_args()
+    args.out = args.out or str(RESULTS / args.name)
 
     overrides = [f"data.dataset={args.dataset}", "training.ema_decay=0",
                  f"privacy.target_epsilon={args.epsilon}", f"training.epochs={args.epochs}",
@@ -102,8 +106,8 @@ def write(rows: list[dict], args) -> None:
         lines.append(f"| {r['row']} | {100 * r['test_accuracy']:.1f}% | {runs} | {change} | "
                      f"{r['steps']} | {r['noise_multiplier']:.3f} | {r['wall_time_s']:.0f} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ablation.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "ablation.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [r["row"] for r in rows][::-1]
     ax.barh(labels, [100 * r["test_accuracy"] for r in rows][::-1], color="lightsteelblue")
@@ -113,7 +117,7 @@ def write(rows: list[dict], args) -> None:
     ax.set(xlabel="test accuracy (%): median bar, runs as dots", xlim=(100 * low - 5, None),
            title=f"{args.dataset}, eps={args.epsilon:g}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "ablation.png", dpi=120)
+    fig.savefig(RESULTS / f"{args.name}.png", dpi=120)
     plt.close(fig)
     print("\n".join(lines))
 
