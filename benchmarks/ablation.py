@@ -56,6 +56,8 @@ def main() -> None:
                         help="results go to benchmarks/results/NAME.{md,json,png} and NAME/")
     parser.add_argument("--out", default=None, help="run directories (default: results/NAME)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     args.out = args.out or str(RESULTS / args.name)
 
     overrides = [f"data.dataset={args.dataset}", "training.ema_decay=0",

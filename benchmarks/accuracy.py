@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="runs per setting (median shown)")
     parser.add_argument("--out", default=str(RESULTS / "accuracy"))
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
 
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     path = RESULTS / "accuracy.json"
