@@ -1,5 +1,9 @@
 """dp_keras_scale: differentially private image classification at scale with Keras 3.
 
+``import dp_keras_scale`` imports the whole library (and TensorFlow) and registers its Keras
+classes, so ``keras.models.load_model`` can read models it saved. The ``dp-keras-scale``
+command defers those imports until they are used (`dp_keras_scale._lazy`).
+
 Example:
     >>> import dp_keras_scale as dks
     >>> model = dks.models.wide_resnet(16, 4, num_classes=10)
@@ -7,11 +11,15 @@ Example:
     ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 """
 
-from dp_keras_scale import accounting, audit, callbacks, data, distribute, finetune, layers, models
-from dp_keras_scale.model import DPScaleModel, make_private
-from dp_keras_scale.optimizers import DPSGD
+from dp_keras_scale import _lazy
 
 __version__ = "0.1.0"
 
 __all__ = ["DPScaleModel", "DPSGD", "make_private", "accounting", "audit", "callbacks", "data",
            "distribute", "finetune", "layers", "models"]
+
+__getattr__, __dir__ = _lazy.package_attributes(__name__, {
+    "DPScaleModel": "model", "make_private": "model", "DPSGD": "optimizers"})
+
+if not _lazy.started_as_command():
+    _lazy.load_all(__name__, __all__)

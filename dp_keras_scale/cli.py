@@ -9,6 +9,9 @@
         --epochs 100 --delta 1e-5
     dp-keras-scale report runs/* --out runs/report.png
     dp-keras-scale audit runs/fmnist
+
+Every command takes --verbose (TensorFlow's own log lines, hidden otherwise). --help, configs
+and epsilon never import TensorFlow.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from dp_keras_scale.config import (ConfigError, bundled_configs, check_complete,  # noqa: E402
+from dp_keras_scale import _quiet
+from dp_keras_scale.config import (ConfigError, bundled_configs, check_complete, describe,
                                    load_config)
+
+RUN_FILES = ("config.toml", "summary.json", "model.keras")    # what marks a run directory
 
 TRAIN_HELP = """Trains a config with DP-SGD and writes a run directory: config.toml (resolved),
 metrics.csv/json per epoch (loss, test accuracy, EMA test accuracy, epsilon), privacy.txt/json
@@ -42,29 +47,39 @@ finetune.classifier=reset|keep|add, finetune.image_size=N (resize to NxN inside 
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's own log lines (hidden by default)")
     parser = argparse.ArgumentParser(
         prog="dp-keras-scale", description="Differentially private image classification "
         "(DP-SGD, De et al. 2022) with Keras 3.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="DP-train a config into a run directory",
-                                description=TRAIN_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    def command(name: str, summary: str, description: str | None = None, **kwargs):
+        return commands.add_parser(name, help=summary, description=description or summary,
+                                   parents=[common], **kwargs)
+
+    train = command("train", "DP-train a config into a run directory", TRAIN_HELP,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", required=True, help="bundled config name or .toml path")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable)")
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
-    train.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    train.add_argument("--quiet", action="store_true", help="no progress lines")
 
-    evaluate = commands.add_parser("evaluate", help="test accuracy of a run's saved model")
-    evaluate.add_argument("run_dir")
+    evaluate = command(
+        "evaluate", "test accuracy of a run's saved model",
+        "Loads a finished run's model.keras (or ema_model.keras) and prints its loss and "
+        "accuracy on the run's test set as JSON. Evaluation uses only the test data, so it "
+        "spends no privacy budget.")
+    evaluate.add_argument("run_dir", help="a run directory written by `dp-keras-scale train`")
     evaluate.add_argument("--weights", choices=["final", "ema"], default="final",
                           help="the trained weights or their EMA (if the run kept one)")
 
-    eps = commands.add_parser(
-        "epsilon", help="privacy accounting from the command line",
-        description="Epsilon of a DP-SGD schedule; with --target-epsilon, the noise multiplier "
+    eps = command(
+        "epsilon", "privacy accounting from the command line",
+        "Epsilon of a DP-SGD schedule; with --target-epsilon, the noise multiplier "
         "that reaches it (or, given --noise-multiplier too, the number of steps that fit).")
     eps.add_argument("--noise-multiplier", type=float)
     eps.add_argument("--target-epsilon", type=float)
@@ -79,31 +94,47 @@ def _parser() -> argparse.ArgumentParser:
     eps.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
     eps.add_argument("--sampling", choices=["poisson", "fixed"], default="poisson")
 
-    report = commands.add_parser("report", help="compare runs: table + accuracy-vs-epsilon PNG")
+    report = command(
+        "report", "compare runs: table + accuracy-vs-epsilon PNG",
+        "A Markdown table of finished runs (epsilon, delta, steps, test accuracy of the final "
+        "and of the EMA weights) and a PNG of test accuracy against epsilon.")
     report.add_argument("run_dirs", nargs="+")
     report.add_argument("--out", default="report.png", help="PNG path")
 
-    audit = commands.add_parser(
-        "audit", help="membership inference on a run's model (training vs test examples)",
-        description="Loss-threshold membership inference: training examples of the run "
+    audit = command(
+        "audit", "membership inference on a run's model (training vs test examples)",
+        "Loss-threshold membership inference: training examples of the run "
         "(members) against as many test examples (non-members). Writes audit.json and "
         "audit_roc.png into the run directory. An attack's success is empirical evidence, "
-        "not a privacy guarantee; for an epsilon lower bound use dks.audit.canary_audit.")
-    audit.add_argument("run_dir")
+        "not a privacy guarantee; for an epsilon lower bound use dks.audit.canary_audit. "
+        f"TPR at a false-positive rate f is reported only with at least {MIN_FALSE_POSITIVES}/f "
+        "non-members (fewer cannot measure it).")
+    audit.add_argument("run_dir", help="a run directory written by `dp-keras-scale train`")
     audit.add_argument("--weights", choices=["final", "ema"], default="final")
     audit.add_argument("--examples", type=int, default=5000,
                        help="members and non-members used (each)")
 
-    commands.add_parser("configs", help="list the bundled configs")
+    command("configs", "list the bundled configs",
+            "The bundled configs, each with its one-line description. Use a name with "
+            "`dp-keras-scale train --config NAME`; the files are in dp_keras_scale/configs/.")
     return parser
 
 
 def _train(args) -> None:
-    from dp_keras_scale import experiment
     config = load_config(args.config, args.set)
     check_complete(config)             # before any data or model is loaded: a fast, clear error
     out = args.out or os.path.join("runs", config["run"]["name"])
-    summary = experiment.train(config, out, verbose=0 if args.quiet else 2)
+    if not args.quiet:
+        print(f"{config['run']['name']}: training into {out} (loading TensorFlow and "
+              f"{config['data']['dataset']})", flush=True)
+    with _quiet.importing(args.verbose):
+        from dp_keras_scale import experiment
+    existed = os.path.isdir(out)
+    try:
+        summary = experiment.train(config, out, verbose=0 if args.quiet else 2)
+    except BaseException:
+        _remove_if_only_config(out, existed)
+        raise
     print(f"\n{open(os.path.join(out, 'privacy.txt')).read()}")
     ema = (f", EMA weights {summary['ema_test_accuracy']:.4f}"
            if "ema_test_accuracy" in summary else "")
@@ -112,27 +143,49 @@ def _train(args) -> None:
           f"delta={summary['delta']:g}); {summary['wall_time_s']:.0f} s. Run directory: {out}")
 
 
-def _load_run(run_dir: str, weights: str):
-    """The run's config, saved model (final or EMA weights) and data."""
-    import keras
+def _remove_if_only_config(out: str, existed: bool) -> None:
+    """After a failed run: removes a directory this command created that holds nothing but
+    config.toml (a run that got further keeps its files: it can be resumed)."""
+    if not existed and os.path.isdir(out) and set(os.listdir(out)) <= {"config.toml"}:
+        shutil.rmtree(out)
 
-    from dp_keras_scale import experiment, finetune
+
+def _check_run_dir(run_dir: str) -> None:
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a directory; give a run directory written "
+                                "by `dp-keras-scale train --out DIR`.")
+    if not os.path.exists(os.path.join(run_dir, "config.toml")):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.toml); "
+                                "give the --out directory of `dp-keras-scale train`.")
+
+
+def _load_run(run_dir: str, weights: str, verbose: bool):
+    """The run's config, saved model (final or EMA weights) and data."""
+    _check_run_dir(run_dir)
     config = load_config(os.path.join(run_dir, "config.toml"))
     path = os.path.join(run_dir, "ema_model.keras" if weights == "ema" else "model.keras")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist" + (
             " (the run kept no EMA: training.ema_decay was 0)" if weights == "ema" else
-            " (did the run finish?)"))
+            " (the run has not finished: resume it with the same `dp-keras-scale train` "
+            "command)"))
+    with _quiet.importing(verbose):
+        import keras
+
+        from dp_keras_scale import experiment, finetune
     # A fine-tuned model may reload its SavedModel / TF-Hub backbone: only the one its own
     # config names is trusted (Keras safe mode still refuses anything else).
     source = config["finetune"]["source"]
     with finetune.trusted_sources(*([source] if source else [])):
         model = keras.models.load_model(path)
+    if not model.compiled:      # a run directory holds the uncompiled release model
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
     return config, model, experiment._load_data(config)
 
 
 def _evaluate(args) -> None:
-    _, model, (_, _, x_test, y_test) = _load_run(args.run_dir, args.weights)
+    _, model, (_, _, x_test, y_test) = _load_run(args.run_dir, args.weights, args.verbose)
     result = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
     print(json.dumps({"run_dir": args.run_dir, "weights": args.weights,
                       "test_examples": len(x_test), **result}, indent=1))
@@ -195,32 +248,68 @@ def _report(args) -> None:
     print(f"plot: {plots.accuracy_vs_epsilon(summaries, args.out)}")
 
 
+# TPR at FPR f is reported only if at least this many false positives are possible (n * f):
+# with fewer non-members the rate is not measured, only guessed from a handful of examples.
+MIN_FALSE_POSITIVES = 10
+
+
+def supported_fprs(fprs, non_members: int) -> tuple[list[float], list[float]]:
+    """Splits false-positive rates into (measurable, not measurable) with `non_members`.
+
+    Example:
+        >>> supported_fprs([0.001, 0.01], 500)
+        ([], [0.001, 0.01])
+    """
+    fprs = sorted(fprs)
+    good = [f for f in fprs if non_members * f >= MIN_FALSE_POSITIVES]
+    return good, [f for f in fprs if f not in good]
+
+
 def _audit(args) -> None:
+    if args.examples < 1:
+        raise ConfigError(f"--examples must be at least 1, got {args.examples}.")
+    _check_run_dir(args.run_dir)
+    if not os.path.exists(os.path.join(args.run_dir, "summary.json")):
+        raise FileNotFoundError(f"{args.run_dir} has no summary.json: the run has not "
+                                "finished (resume it with the same `dp-keras-scale train` "
+                                "command).")
+    _, model, (x, y, x_test, y_test) = _load_run(args.run_dir, args.weights, args.verbose)
     from dp_keras_scale import audit
-    _, model, (x, y, x_test, y_test) = _load_run(args.run_dir, args.weights)
     n = min(args.examples, len(x), len(x_test))
-    result = audit.membership_inference(model, (x[:n], y[:n]), (x_test[:n], y_test[:n]))
+    good, dropped = supported_fprs(audit.FPR_TARGETS, n)
+    result = audit.membership_inference(model, (x[:n], y[:n]), (x_test[:n], y_test[:n]),
+                                        fpr_targets=good)
     with open(os.path.join(args.run_dir, "summary.json")) as f:
         summary = json.load(f)
     report = {"run_dir": args.run_dir, "weights": args.weights, "attack": "loss",
               "members": n, "non_members": n, "auc": result.auc,
               "tpr_at_fpr": {str(k): v for k, v in result.tpr_at_fpr.items()},
               "accounted_epsilon": summary["epsilon"], "delta": summary["delta"]}
+    if dropped:
+        report["not_measured"] = {
+            str(f): f"TPR at FPR {f:g} needs at least {math.ceil(MIN_FALSE_POSITIVES / f)} "
+                    f"non-members ({MIN_FALSE_POSITIVES} possible false positives); "
+                    f"this audit used {n} (--examples)" for f in dropped}
     with open(os.path.join(args.run_dir, "audit.json"), "w") as f:
         json.dump(report, f, indent=1)
     audit.plot_roc({"loss attack": result}, os.path.join(args.run_dir, "audit_roc.png"))
     print(json.dumps(report, indent=1))
 
 
+def _configs(args) -> None:
+    names = bundled_configs()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {describe(name)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dp-keras-scale`` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    _quiet.configure(args.verbose)
     try:
-        if args.command == "configs":
-            print("\n".join(bundled_configs()))
-        else:
-            {"train": _train, "evaluate": _evaluate, "epsilon": _epsilon,
-             "report": _report, "audit": _audit}[args.command](args)
+        {"train": _train, "evaluate": _evaluate, "epsilon": _epsilon, "report": _report,
+         "audit": _audit, "configs": _configs}[args.command](args)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"dp-keras-scale {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -75,7 +75,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
               "dropout": 0.0},
     "privacy": {"target_epsilon": 3.0, "delta": 1e-5, "noise_multiplier": "auto",
                 "l2_norm_clip": 1.0, "rescale_to_unit_norm": True, "accountant": "pld",
-                "sampling": "poisson"},
+                "sampling": "poisson", "deterministic_noise": False},
     "training": {"batch_size": 512, "microbatch_size": 192, "epochs": 2.0, "steps": 0,
                  "learning_rate": 4.0, "momentum": 0.0, "augmult": 0, "pad": 4, "flip": False,
                  "ema_decay": 0.0, "seed": "random", "jit_compile": True},
@@ -97,12 +97,31 @@ CHOICES: dict[tuple[str, str], tuple] = {
 # Keys that take either one keyword or a number of the given type.
 KEYWORDS: dict[tuple[str, str], tuple[str, type]] = {
     ("privacy", "noise_multiplier"): ("auto", float),   # calibrated from target_epsilon, steps
-    ("training", "seed"): ("random", int),              # OS randomness (ints: tests only)
+    # An int fixes sampling, augmentation and initialisation (keep it secret, like the data);
+    # the noise stays OS-random unless privacy.deterministic_noise = true (no guarantee then).
+    ("training", "seed"): ("random", int),
 }
 
 
 class ConfigError(ValueError):
     """An invalid configuration: names the key and the valid choices."""
+
+
+def describe(name_or_path: str) -> str:
+    """The one-line description of a config: its ``[run] description``, else its first comment.
+
+    Example:
+        >>> describe("mnist_cpu")
+        'small weight-standardized GroupNorm CNN, Poisson batches of 512, (3, 1e-5)-DP'
+    """
+    raw, _ = _read(name_or_path)
+    description = raw.get("run", {}).get("description", "")
+    if description:
+        return description
+    text = (open(name_or_path).read() if os.path.exists(name_or_path) else
+            (resources.files("dp_keras_scale") / "configs" / f"{name_or_path}.toml").read_text())
+    comments = [line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")]
+    return comments[0] if comments else ""
 
 
 def bundled_configs() -> list[str]:
@@ -144,34 +163,34 @@ def _check_value(section: str, key: str, value: Any) -> Any:
         return value
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+            raise ConfigError(f"{where} must be true or false, got {toml_value(value)}.")
         return value
     if kind in (int, float):
         expected = f"{'an integer' if kind is int else 'a number'}" + (
-            f" or {keyword!r}" if keyword else "")
+            f" or {toml_value(keyword)}" if keyword else "")
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or (kind is int and value != int(value)):
-            raise ConfigError(f"{where} must be {expected}, got {value!r}.")
+            raise ConfigError(f"{where} must be {expected}, got {toml_value(value)}.")
         return kind(value)
     if kind is list:
         if not isinstance(value, list) or not value or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise ConfigError(f"{where} must be a list of positive integers, got {value!r}.")
+            raise ConfigError(f"{where} must be a list of positive integers, got {toml_value(value)}.")
         return value
     if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}.")
+        raise ConfigError(f"{where} must be a string, got {toml_value(value)}.")
     if value == REQUIRED:
         return value          # a placeholder the user must fill (see check_complete)
     if (section, key) == ("data", "dataset") and value.startswith(TFDS_PREFIX):
         if value == TFDS_PREFIX:
-            raise ConfigError(f"{where} = {value!r} names no dataset; write e.g. "
-                              "'tfds:imagenet2012' (a TFDS dataset prepared as array_record).")
+            raise ConfigError(f"{where} = {toml_value(value)} names no dataset; write e.g. "
+                              "\"tfds:imagenet2012\" (a TFDS dataset prepared as array_record).")
         return value
     choices = CHOICES.get((section, key))
     if choices is not None and value not in choices:
-        more = " or 'tfds:NAME' (a TFDS dataset prepared as array_record)" if (
+        more = ' or "tfds:NAME" (a TFDS dataset prepared as array_record)' if (
             section, key) == ("data", "dataset") else ""
-        raise ConfigError(f"{where} = {value!r} is not valid; choose one of "
+        raise ConfigError(f"{where} = {toml_value(value)} is not valid; choose one of "
                           f"{', '.join(choices)}{more}.")
     return value
 
@@ -189,7 +208,7 @@ def resolve(raw: dict, overrides: Iterable[tuple[str, str, Any]] = ()) -> dict:
             raise ConfigError(f"Unknown key {section}.{key}; valid keys of [{section}]: "
                               f"{', '.join(SCHEMA[section])}.")
         if value == REQUIRED and not isinstance(SCHEMA[section][key], str):
-            raise ConfigError(f"{section}.{key}: only string keys can be {REQUIRED!r}.")
+            raise ConfigError(f"{section}.{key}: only string keys can be {toml_value(REQUIRED)}.")
         if value == REQUIRED:
             required.add((section, key))
         elif (section, key) in required and value == "":
@@ -225,7 +244,7 @@ def check_complete(config: dict) -> None:
 
 def _section_items(section: str, table: Any):
     if not isinstance(table, dict):
-        raise ConfigError(f"Top-level key {section!r} must be a [section]; valid sections: "
+        raise ConfigError(f"Top-level key {section} must be a [section]; valid sections: "
                           f"{', '.join(SCHEMA)}.")
     return table.items()
 
@@ -252,7 +271,7 @@ def _check_ranges(config: dict) -> None:
     if not p["delta"] < 1:
         raise ConfigError(f"privacy.delta must be in (0, 1), got {p['delta']}.")
     if p["noise_multiplier"] != "auto" and p["noise_multiplier"] < 0:
-        raise ConfigError(f"privacy.noise_multiplier must be >= 0 or 'auto', got "
+        raise ConfigError(f"privacy.noise_multiplier must be >= 0 or \"auto\", got "
                           f"{p['noise_multiplier']}.")
     _check_finetune(config)
 
@@ -292,16 +311,27 @@ def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> dict:
     return resolve(raw, [parse_override(o) for o in overrides])
 
 
+def toml_value(v: Any) -> str:
+    """A value as the user writes it in TOML or after ``--set``: ``true``, ``"rdp"``, ``[8, 16]``.
+
+    Example:
+        >>> toml_value(True), toml_value("rdp"), toml_value([8, 16])
+        ('true', '"rdp"', '[8, 16]')
+    """
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
 def dumps(config: dict) -> str:
     """The config as TOML text (round-trips through `resolve`)."""
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
+    value = toml_value
 
     lines = []
     for section, table in config.items():

@@ -54,7 +54,7 @@ def test_paper_config_matches_the_published_accounting():
     (["model.architecture=resnet"], r"choose one of small_cnn, wide_resnet, nf_resnet"),
     (["training.batch_size=12.5"], r"training\.batch_size must be an integer"),
     (["training.batch_size=0"], r"training\.batch_size must be > 0"),
-    (["privacy.noise_multiplier=loud"], r"must be a number or 'auto'"),
+    (["privacy.noise_multiplier=loud"], r'must be a number or "auto"'),
     (["training.flip=yes"], r"training\.flip must be true or false"),
     (["training.ema_decay=1"], r"ema_decay must be in \[0, 1\)"),
     (["epochs=3"], r"section\.key=value"),
