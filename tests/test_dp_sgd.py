@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from scipy import stats
 
 import dp_keras_scale as dks
@@ -71,6 +72,71 @@ def test_masked_rows_contribute_nothing_and_expected_batch_size_divides(batch):
     model = compile_dp(small_convnet(), l2_norm_clip=0.05, expected_batch_size=4.5)
     expected = reference_clipped_sum(model, x, np.repeat(y[:, None], 2, 1), mask, clip=0.05)
     assert_close(one_step_update(model, x, y, mask), [e / 4.5 for e in expected])
+
+
+def _per_example_gradients(model, x, y):
+    """[B] lists of float64 gradients of each example's loss averaged over its K copies."""
+    loss_fn = xent()
+    out = []
+    for xi, yi in zip(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(np.full(len(xi), yi), model(xi, training=True))
+        out.append([g.numpy().astype(np.float64)
+                    for g in tape.gradient(loss, model.trainable_variables)])
+    return out
+
+
+def _clipped_weighted_sum(grads, weights, clip):
+    norms = np.array([np.sqrt(sum(np.sum(g ** 2) for g in gi)) for gi in grads])
+    factors = weights * np.minimum(1.0, clip / norms)
+    return [sum(f * gi[j] for f, gi in zip(factors, grads)) for j in range(len(grads[0]))]
+
+
+def _relative_gap(other, expected):
+    """Largest difference, relative to the largest entry (the scale assert_close uses)."""
+    return (max(np.max(np.abs(a - b)) for a, b in zip(other, expected))
+            / max(np.max(np.abs(e)) for e in expected))
+
+
+@pytest.fixture
+def mixed_clip_batch():
+    """8 examples x 3 copies, and a clip norm with 3 examples below it and 5 above."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(8, 3, 8, 8, 3)).astype(np.float32)
+    x[:, 1:] *= rng.uniform(0.2, 3.0, size=(8, 2, 1, 1, 1)).astype(np.float32)  # unlike copies
+    y = rng.integers(0, NUM_CLASSES, size=8)
+    grads = _per_example_gradients(small_convnet(), x, y)
+    norms = np.sort([np.sqrt(sum(np.sum(g ** 2) for g in gi)) for gi in grads])
+    clip = float(np.sqrt(norms[2] * norms[3]))
+    assert norms[2] < 0.95 * clip and norms[3] > 1.05 * clip      # a clear mix
+    return x, y, grads, clip
+
+
+def test_copies_are_averaged_before_clipping_with_examples_below_and_above_the_clip(
+        mixed_clip_batch):
+    x, y, grads, clip = mixed_clip_batch
+    model = compile_dp(small_convnet(), l2_norm_clip=clip, learning_rate=0.5)
+    expected = _clipped_weighted_sum(grads, np.ones(8), clip)
+    # The test has power: summing the copies (K x the gradient) before clipping changes the
+    # sum far beyond the tolerance, because unclipped examples keep their scale.
+    summed = _clipped_weighted_sum([[3 * g for g in gi] for gi in grads], np.ones(8), clip)
+    assert _relative_gap(summed, expected) > 0.01          # 50x the assert_close tolerance
+    before = weights_of(model)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    update = [b - a for b, a in zip(before, weights_of(model))]
+    assert_close(update, [0.5 * e / 8 for e in expected])
+    assert logs["clipped_fraction"] == pytest.approx(5 / 8)
+
+
+def test_example_weights_are_clamped_into_0_1_and_fractional_weights_scale(mixed_clip_batch):
+    x, y, grads, clip = mixed_clip_batch
+    weights = np.array([1.7, -0.5, 0.3, 1.0, 0.0, 0.6, 2.0, 0.25], np.float32)
+    model = compile_dp(small_convnet(), l2_norm_clip=clip, expected_batch_size=5.0)
+    expected = _clipped_weighted_sum(grads, np.clip(weights, 0.0, 1.0).astype(np.float64), clip)
+    assert_close(one_step_update(model, x, y, weights), [e / 5.0 for e in expected])
+    # Unclamped weights (1.7, 2.0 count more than one example) would move it by this much:
+    unclamped = _clipped_weighted_sum(grads, np.maximum(weights, 0.0).astype(np.float64), clip)
+    assert _relative_gap(unclamped, expected) > 0.01
 
 
 def test_mask_without_expected_batch_size_is_refused(batch):
