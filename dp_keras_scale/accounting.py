@@ -62,11 +62,13 @@ __all__ = [
     "neighboring_relation",
     "epsilon",
     "epsilons",
+    "composed_epsilon",
     "calibrate_noise_multiplier",
     "calibrate_steps",
     "sampling_schedule",
     "PrivacyStatement",
     "privacy_statement",
+    "ledger_statement",
 ]
 
 Accountant = Literal["pld", "rdp"]
@@ -357,16 +359,19 @@ def _quiet_absl() -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _epsilon(
-    sigma: float, q: float, steps: int, delta: float, accountant: str, sampling: str,
-    n: Optional[int],
+def _composed_epsilon(
+    segments: tuple[tuple[float, float, int], ...], delta: float, accountant: str,
+    sampling: str, n: Optional[int],
 ) -> float:
-    """Validated-input epsilon, cached (the callback asks for the same values repeatedly)."""
-    if steps == 0:
+    """Validated-input epsilon of DP-SGD segments ``(sigma, q, steps)`` run one after another
+    (heterogeneous composition), cached (the callback asks for the same values repeatedly)."""
+    segments = tuple(seg for seg in segments if seg[2] > 0)
+    if not segments:
         return 0.0
-    if sigma == 0:
+    if any(sigma == 0 for sigma, _, _ in segments):
         return math.inf
-    event = _make_event(sigma, q, steps, sampling, n)
+    events = [_make_event(sigma, q, steps, sampling, n) for sigma, q, steps in segments]
+    event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
     with _quiet_absl():
         eps = float(_make_accountant(accountant, sampling).compose(event).get_epsilon(delta))
         if accountant == "pld" and math.isfinite(eps):
@@ -376,6 +381,55 @@ def _epsilon(
                 fine = _make_accountant(accountant, sampling, grid).compose(event)
                 eps = min(eps, float(fine.get_epsilon(delta)))  # both are upper estimates
     return eps
+
+
+def _epsilon(
+    sigma: float, q: float, steps: int, delta: float, accountant: str, sampling: str,
+    n: Optional[int], spent: tuple[tuple[float, float, int], ...] = (),
+) -> float:
+    """Epsilon of ``spent`` followed by ``steps`` steps at (sigma, q)."""
+    return _composed_epsilon(spent + ((sigma, q, steps),), delta, accountant, sampling, n)
+
+
+def _check_spent(spent: Any) -> tuple[tuple[float, float, int], ...]:
+    """Validates segments already spent: ``(noise_multiplier, sampling_rate, steps)`` triples
+    or objects with those attributes (`dks.ledger.Segment`)."""
+    out = []
+    for seg in spent or ():
+        if hasattr(seg, "noise_multiplier"):
+            if getattr(seg, "sampling_rate", None) is None:
+                raise ValueError(
+                    f"Segment {seg} has no sampling_rate: resolve the ledger with the dataset "
+                    "size first (PrivacyLedger.resolved(dataset_size)).")
+            seg = (seg.noise_multiplier, seg.sampling_rate, seg.steps)
+        sigma, q, steps = seg
+        out.append((_check_noise_multiplier(sigma), _check_sampling_rate(q),
+                    _check_steps(steps)))
+    return tuple(out)
+
+
+def composed_epsilon(
+    segments: Any,
+    delta: float,
+    accountant: Accountant = "pld",
+    sampling: Sampling = "poisson",
+    dataset_size: Optional[int] = None,
+) -> float:
+    """Epsilon of DP-SGD segments run one after another, each with its own noise multiplier
+    and sampling rate (dp_accounting's heterogeneous composition, ``ComposedDpEvent``).
+
+    Args:
+        segments: ``(noise_multiplier, sampling_rate, steps)`` triples, or the segments of a
+            `dks.ledger.PrivacyLedger` (``optimizer.ledger.spent()``), in the order they ran.
+        delta, accountant, sampling, dataset_size: as in `epsilon`.
+
+    Example:
+        >>> composed_epsilon([(0.5, 0.01, 20), (50.0, 0.01, 20)], 1e-5)  # not eps(50, 40)
+    """
+    segments = _check_spent(segments)
+    _, _, delta, accountant, sampling, n = _check_common(
+        None, segments[0][1] if segments else 0.5, delta, accountant, sampling, dataset_size)
+    return _composed_epsilon(segments, delta, accountant, sampling, n)
 
 
 # --------------------------------------------------------------------------- epsilon
@@ -450,11 +504,14 @@ def calibrate_noise_multiplier(
     sampling: Sampling = "poisson",
     dataset_size: Optional[int] = None,
     rtol: float = 1e-3,
+    spent: Any = (),
 ) -> float:
     """Smallest noise multiplier sigma whose epsilon is <= ``target_epsilon``.
 
     The result is within a relative ``rtol`` of the exact smallest sigma and always on the
-    safe side: ``epsilon(result, ...) <= target_epsilon``.
+    safe side: ``epsilon(result, ...) <= target_epsilon``. With ``spent`` (segments already
+    run, as in `composed_epsilon`), the ``steps`` new steps come after them and the target
+    bounds the composition of all.
 
     Raises:
         ValueError: if the target cannot be reached with sigma <= 1e4 (lower the steps or
@@ -469,6 +526,12 @@ def calibrate_noise_multiplier(
     )
     target = _check_target_epsilon(target_epsilon)
     steps = _check_steps(steps)
+    spent = _check_spent(spent)
+    if spent and _composed_epsilon(spent, delta, accountant, sampling, n) >= target:
+        raise ValueError(
+            f"The steps already taken spend epsilon = "
+            f"{_composed_epsilon(spent, delta, accountant, sampling, n):.4g} >= target_epsilon "
+            f"= {target:g}: no noise multiplier lets more steps fit in this budget.")
     if steps == 0:
         raise ValueError(
             "steps=0 spends no privacy budget, so any noise multiplier meets the target; "
@@ -479,7 +542,7 @@ def calibrate_noise_multiplier(
         raise ValueError(f"rtol must be in (0, 0.1), got {rtol}.")
 
     def eps(s: float) -> float:
-        return _epsilon(s, q, steps, delta, accountant, sampling, n)
+        return _epsilon(s, q, steps, delta, accountant, sampling, n, spent)
 
     # Bracket the answer: eps(lo) > target >= eps(hi). PLD at tiny sigma is slow (very wide
     # privacy-loss support), so PLD starts from the cheap RDP answer: PLD being tighter,
@@ -488,7 +551,7 @@ def calibrate_noise_multiplier(
     if accountant == "pld" and eps(_MAX_SIGMA) <= target:
         try:
             start = calibrate_noise_multiplier(target, q, steps, delta, "rdp", sampling, n,
-                                               rtol=rtol)
+                                               rtol=rtol, spent=spent)
             factor = 1.1
         except ValueError:
             pass
@@ -540,10 +603,13 @@ def calibrate_steps(
     sampling: Sampling = "poisson",
     dataset_size: Optional[int] = None,
     max_steps: int = _DEFAULT_MAX_STEPS,
+    spent: Any = (),
 ) -> int:
     """Largest number of steps T with ``epsilon(..., T, ...) <= target_epsilon``.
 
     Returns at most ``max_steps`` (with a warning if even that many steps fit the budget).
+    With ``spent`` (segments already run, as in `composed_epsilon`), T counts the steps that
+    still fit after them.
 
     Raises:
         ValueError: if a single step already exceeds the target (raise noise_multiplier,
@@ -558,14 +624,16 @@ def calibrate_steps(
     )
     target = _check_target_epsilon(target_epsilon)
     max_steps = _check_steps(max_steps, "max_steps")
+    spent = _check_spent(spent)
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
 
     def eps(t: int) -> float:
-        return _epsilon(sigma, q, t, delta, accountant, sampling, n)
+        return _epsilon(sigma, q, t, delta, accountant, sampling, n, spent)
 
     if eps(1) > target:
         what = "noise_multiplier=0 gives no privacy" if sigma == 0 else (
+            f"one more step would give epsilon={eps(1):.4g}" if spent else
             f"a single step already gives epsilon={eps(1):.4g}"
         )
         raise ValueError(
@@ -581,7 +649,8 @@ def calibrate_steps(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                start = calibrate_steps(target, sigma, q, delta, "rdp", sampling, n, max_steps)
+                start = calibrate_steps(target, sigma, q, delta, "rdp", sampling, n, max_steps,
+                                        spent)
             except ValueError:
                 start = 1
         if eps(start) <= target:
@@ -666,6 +735,8 @@ class PrivacyStatement:
     unit_of_privacy: str = "one training example (record-level)"
     not_covered: tuple[str, ...] = _NOT_COVERED
     assumptions: tuple[str, ...] = ()
+    segments: tuple[dict, ...] = ()
+    deterministic_noise: bool = False
     dp_accounting_version: str = dataclasses.field(default_factory=_dp_accounting_version)
 
     def to_dict(self) -> dict[str, Any]:
@@ -673,6 +744,7 @@ class PrivacyStatement:
         out = dataclasses.asdict(self)
         out["not_covered"] = list(self.not_covered)
         out["assumptions"] = list(self.assumptions)
+        out["segments"] = [dict(s) for s in self.segments]
         out["epsilon"] = _json_float(self.epsilon)
         out["epsilons"] = {k: _json_float(v) for k, v in self.epsilons.items()}
         out["text"] = str(self)
@@ -700,7 +772,14 @@ class PrivacyStatement:
     def __str__(self) -> str:
         names = {"rdp": "RDP", "pld": "PLD"}
         lines = ["DP-SGD privacy statement (dp_keras_scale)"]
-        if math.isinf(self.epsilon):
+        if self.deterministic_noise:
+            lines.append(
+                "  Guarantee: NONE - no privacy guarantee: deterministic noise. The noise came "
+                "from a seed given by the user (DPSGD(noise_seed=...) or "
+                "privacy.deterministic_noise), so anyone who knows the seed can regenerate and "
+                f"remove it. With secret noise the same run would give epsilon = "
+                f"{_fmt(self.epsilon)} at delta = {self.delta:g}.")
+        elif math.isinf(self.epsilon):
             lines.append(
                 "  Guarantee: NONE. noise_multiplier is 0, so the run is not differentially "
                 "private (epsilon = inf)."
@@ -740,6 +819,12 @@ class PrivacyStatement:
             )
         epochs = f" (about {self.epochs:.4g} epochs)" if self.epochs is not None else ""
         lines.append(f"  Steps: {self.steps}{epochs}.")
+        if len(self.segments) > 1:
+            lines.append("  The steps ran in segments with different settings, composed "
+                         "(dp_accounting ComposedDpEvent):")
+            lines.extend(f"    - {s['steps']} steps at noise multiplier "
+                         f"{s['noise_multiplier']:g}, sampling rate {s['sampling_rate']:.6g}"
+                         for s in self.segments)
         lines.append(
             f"  Unit of privacy: {self.unit_of_privacy}. "
             + (
@@ -774,11 +859,16 @@ def privacy_statement(
     sampling: Sampling = "poisson",
     augmult: int = 1,
     accountant: Accountant = "pld",
+    spent: Any = (),
+    deterministic_noise: bool = False,
 ) -> PrivacyStatement:
     """The privacy statement of a DP-SGD run: (epsilon, delta), mechanism and assumptions.
 
     The epsilon of ``accountant`` is the headline; ``epsilons`` holds every accountant that
     supports the sampling (RDP and PLD for Poisson, RDP only for fixed-size batches).
+    ``spent``: segments that ran before these ``steps`` (as in `composed_epsilon`; see
+    `ledger_statement` for a whole ledger). ``deterministic_noise``: the noise came from a
+    user-given seed, so the run has NO guarantee; the statement says so first.
 
     Example:
         >>> s = privacy_statement(10.0, 4096 / 50_000, 875, 1e-5, l2_norm_clip=1.0,
@@ -796,14 +886,18 @@ def privacy_statement(
     if isinstance(augmult, bool) or not isinstance(augmult, numbers.Integral) or augmult < 1:
         raise ValueError(f"augmult must be an integer >= 1, got {augmult!r}.")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the delta warning was already issued above
-        all_eps = epsilons(sigma, q, steps, delta, sampling, n)
+    spent = _check_spent(spent)
+    segments = spent + ((sigma, q, steps),)
+    all_eps = {"rdp": _composed_epsilon(segments, delta, "rdp", sampling, n)}
+    if sampling == "poisson" or _pld_supports_fixed():
+        all_eps["pld"] = _composed_epsilon(segments, delta, "pld", sampling, n)
+    steps = sum(t for _, _, t in segments)
     batch = None
     epochs = None
     if n is not None:
         batch = float(_fixed_batch_size(q, n)) if sampling == "fixed" else q * n
-        epochs = steps * batch / n
+        epochs = sum(t * (_fixed_batch_size(r, n) if sampling == "fixed" else r * n) / n
+                     for _, r, t in segments)
     assumptions = [
         "Batches were really sampled as stated ("
         + ("Poisson sampling with a fresh independent draw for every example at every step"
@@ -811,8 +905,15 @@ def privacy_statement(
            "a fresh uniformly random fixed-size batch at every step")
         + "), not by shuffling into fixed batches, and steps were not added, skipped or "
         "repeated.",
-        "Noise is drawn from an exact Gaussian once per logical step (after accumulating all "
-        "micro-batches and replicas) and the noise multiplier was constant for the whole run.",
+        "Noise is drawn once per logical step (after accumulating all micro-batches and "
+        "replicas), with the noise multiplier of each segment listed, from a key the "
+        "adversary does not know (the operating system's RNG; no seed given).",
+        "The noise is an exact Gaussian. It is sampled in float32 by TensorFlow's "
+        "counter-based normal sampler; floating-point Gaussian samplers are attackable in "
+        "principle (Mironov 2012 for Laplace; Holohan & Braghin 2021 for Gaussian). No "
+        "attack on a sum of DP-SGD gradients is known, and the noise is added to float32 "
+        "gradients that already carry rounding, so we state the assumption rather than "
+        "offer a secure mode.",
         "Each example's gradient (averaged over its augmented copies) is clipped to norm C "
         "on its own: no layer mixes examples in training mode (e.g. no BatchNorm).",
         "Nothing else computed from the private data is released. Every model along the "
@@ -841,4 +942,32 @@ def privacy_statement(
         epochs=epochs,
         augmult=int(augmult),
         assumptions=tuple(assumptions),
+        segments=tuple({"noise_multiplier": s, "sampling_rate": r, "steps": t}
+                       for s, r, t in segments),
+        deterministic_noise=bool(deterministic_noise),
     )
+
+
+def ledger_statement(
+    segments: Any,
+    delta: float,
+    l2_norm_clip: float,
+    dataset_size: Optional[int] = None,
+    sampling: Sampling = "poisson",
+    augmult: int = 1,
+    accountant: Accountant = "pld",
+) -> PrivacyStatement:
+    """The privacy statement of every step in a ledger (`dks.ledger.Segment` s with known
+    sampling rates, e.g. ``PrivacyBudget.spent()``), composed with dp_accounting.
+
+    Example:
+        >>> s = ledger_statement(budget.spent(), 1e-5, l2_norm_clip=1.0, dataset_size=60_000)
+    """
+    segments = list(segments)
+    if not segments:
+        raise ValueError("The ledger is empty: no step was taken, so there is nothing to state.")
+    last = segments[-1]
+    return privacy_statement(
+        last.noise_multiplier, last.sampling_rate, last.steps, delta, l2_norm_clip,
+        dataset_size=dataset_size, sampling=sampling, augmult=augmult, accountant=accountant,
+        spent=segments[:-1], deterministic_noise=any(s.deterministic_noise for s in segments))

@@ -10,6 +10,7 @@ import keras
 
 from dp_keras_scale import accounting
 from dp_keras_scale.averaging import EMA, Polyak, averaged_weights
+from dp_keras_scale.ledger import PrivacyLedger
 
 __all__ = ["EMA", "Polyak", "PrivacyBudget", "averaged_weights"]
 
@@ -17,9 +18,10 @@ __all__ = ["EMA", "Polyak", "PrivacyBudget", "averaged_weights"]
 class PrivacyBudget(keras.callbacks.Callback):
     """Tracks the privacy spent by DP training and stops it before it exceeds a budget.
 
-    It reads sigma from ``model.optimizer.noise_multiplier`` and the number of logical
-    (noisy) DP-SGD steps from ``model.optimizer.iterations`` (`dp_keras_scale.DPSGD` counts
-    one iteration per noisy step, whatever the gradient accumulation).
+    It reads the optimizer's privacy ledger (`dp_keras_scale.DPSGD.spent`): the logical
+    (noisy) steps taken, with the noise multiplier and sampling rate of each, across every
+    ``fit``, recompile and checkpoint restore, and composes them with dp_accounting. A
+    noise multiplier changed between fits (or by a callback) is accounted step by step.
 
     * At the end of every epoch it writes ``logs["epsilon"]``, so ``History``, the progress
       bar, ``TensorBoard`` and ``CSVLogger`` show it. Keras runs callbacks in list order
@@ -47,9 +49,10 @@ class PrivacyBudget(keras.callbacks.Callback):
             the optimizer's ``expected_batch_size`` divided by ``dataset_size``.
         dataset_size: number of training examples N (required for ``sampling="fixed"``).
         target_epsilon: privacy budget; None only logs epsilon.
-        planned_steps: total logical steps the run will reach (the final value of
-            ``optimizer.iterations``, counting steps of earlier ``fit`` calls); checked
-            against the budget before any step.
+        planned_steps: total logical steps the run will reach (all steps in the ledger,
+            counting earlier ``fit`` calls); checked against the budget before any step. A
+            ``fit`` that starts with the plan already done is refused (Keras would take one
+            step before a callback can stop it).
         accountant: "pld" (tighter) or "rdp" (required for ``sampling="fixed"``).
         sampling: "poisson" or "fixed", as in `accounting.epsilon`. It must describe how
             batches were really drawn.
@@ -120,9 +123,12 @@ class PrivacyBudget(keras.callbacks.Callback):
             raise ValueError(
                 "The optimizer has noise_multiplier=None: give PrivacyBudget both "
                 "target_epsilon and planned_steps so it can calibrate sigma.")
+        done = self._read_steps()
+        if done >= self.planned_steps:
+            raise ValueError(self._plan_done_message(done))
         sigma = accounting.calibrate_noise_multiplier(
-            self.target_epsilon, self._q, self.planned_steps, self.delta, self.accountant,
-            self.sampling, self.dataset_size)
+            self.target_epsilon, self._q, self.planned_steps - done, self.delta,
+            self.accountant, self.sampling, self.dataset_size, spent=self._spent())
         optimizer.noise_multiplier = sigma
         if self.verbose:
             print(f"PrivacyBudget: calibrated noise_multiplier = {sigma:.4g} so that "
@@ -139,26 +145,34 @@ class PrivacyBudget(keras.callbacks.Callback):
                 "PrivacyBudget is not attached to a compiled model; pass it to "
                 "model.fit(callbacks=[...]) (or call set_model) first."
             )
-        return model.optimizer
+        optimizer = model.optimizer
+        if not hasattr(optimizer, "spent"):
+            raise ValueError(
+                "PrivacyBudget needs a DP optimizer that keeps a privacy ledger, such as "
+                f"dp_keras_scale.DPSGD; the model's optimizer {type(optimizer).__name__} "
+                "has none.")
+        return optimizer
 
     def _read_sigma(self) -> float:
-        optimizer = self._optimizer()
-        inner = getattr(optimizer, "inner_optimizer", optimizer)  # e.g. a LossScaleOptimizer
-        if getattr(inner, "noise_multiplier", 0.0) is None:
+        sigma = self._optimizer().noise_multiplier
+        if sigma is None:
             raise ValueError(
                 "The optimizer's noise_multiplier is None (not calibrated yet): it is set when "
                 "training starts with PrivacyBudget(target_epsilon=..., planned_steps=...).")
-        sigma = getattr(inner, "noise_multiplier", None)
-        if sigma is None:
-            raise ValueError(
-                "PrivacyBudget needs a DP optimizer with a `noise_multiplier` attribute, "
-                "such as dp_keras_scale.DPSGD; the model's optimizer "
-                f"{type(self._optimizer()).__name__} has none."
-            )
         return accounting._check_noise_multiplier(float(sigma))
 
+    def spent(self) -> list:
+        """The optimizer's ledger (`dks.ledger.Segment` s), every sampling rate known."""
+        if self._q is None:
+            self._q = self._resolve_sampling_rate()
+        return PrivacyLedger.resolved(self._optimizer().spent(), self.dataset_size, self._q)
+
+    def _spent(self) -> tuple:
+        return tuple((s.noise_multiplier, s.sampling_rate, s.steps) for s in self.spent())
+
     def _read_steps(self) -> int:
-        return int(self._optimizer().iterations)
+        """Logical steps in the ledger: every fit, recompile and restore included."""
+        return sum(s.steps for s in self._optimizer().spent())
 
     def _resolve_sampling_rate(self) -> float:
         if self.sampling_rate is not None:
@@ -175,64 +189,73 @@ class PrivacyBudget(keras.callbacks.Callback):
         )
         return q
 
-    def _epsilon(self, steps: int) -> float:
-        return accounting.epsilon(
-            self._sigma, self._q, steps, self.delta, self.accountant, self.sampling,
-            self.dataset_size,
-        )
-
-    def _check_sigma_unchanged(self) -> None:
-        sigma = self._read_sigma()
-        if sigma != self._sigma:
-            raise ValueError(
-                f"The optimizer's noise_multiplier changed during training ({self._sigma:g} "
-                f"-> {sigma:g}). PrivacyBudget accounts a constant noise multiplier; keep it "
-                "fixed for the whole run."
-            )
+    def _epsilon_after(self, more_steps: int = 0) -> float:
+        """Epsilon of the ledger followed by ``more_steps`` steps at the current settings."""
+        return accounting._epsilon(
+            self._sigma, self._q, more_steps, self.delta, self.accountant, self.sampling,
+            self.dataset_size, self._spent())
 
     @property
     def epsilon_now(self) -> float:
-        """Epsilon spent by the optimizer's steps so far (0.0 before the first step)."""
-        if self._sigma is None:
-            self._sigma = self._read_sigma()
-        if self._q is None:
-            self._q = self._resolve_sampling_rate()
-        return self._epsilon(self._read_steps())
+        """Epsilon spent by every step in the optimizer's ledger (0.0 before the first)."""
+        return accounting._composed_epsilon(self._spent(), self.delta, self.accountant,
+                                            self.sampling, self.dataset_size)
+
+    def statement(self, l2_norm_clip: float, augmult: int = 1) -> accounting.PrivacyStatement:
+        """The privacy statement of every step in the ledger (`accounting.privacy_statement`).
+
+        Example:
+            >>> print(budget.statement(l2_norm_clip=1.0, augmult=16))
+        """
+        return accounting.ledger_statement(
+            self.spent(), self.delta, l2_norm_clip, dataset_size=self.dataset_size,
+            sampling=self.sampling, augmult=augmult, accountant=self.accountant)
+
+    def _plan_done_message(self, done: int) -> str:
+        return (f"PrivacyBudget: the optimizer has already taken {done} steps, the "
+                f"{self.planned_steps} planned (epsilon = {self.epsilon_now:.4g}). Keras would "
+                "take one more step before any callback could stop it: raise planned_steps "
+                "(its epsilon is checked against the target), or stop here.")
+
+    def _steps_that_fit(self) -> int:
+        """Steps that still fit in the target after the ledger, at the current sigma."""
+        try:
+            return accounting.calibrate_steps(
+                self.target_epsilon, self._sigma, self._q, self.delta, self.accountant,
+                self.sampling, self.dataset_size, spent=self._spent())
+        except ValueError as err:
+            done = self._read_steps()
+            spent = (f" The {done} steps already taken spend epsilon = "
+                     f"{self.epsilon_now:.4g}." if done else "")
+            raise ValueError(f"PrivacyBudget: no training is possible within budget.{spent} "
+                             f"{err}") from None
 
     # ------------------------------------------------------------------ callback hooks
 
     def on_train_begin(self, logs: Optional[dict] = None) -> None:
         self._q = self._resolve_sampling_rate()
+        self._optimizer().describe_sampling(self._q)
         self._calibrate_noise_multiplier()
         self._sigma = self._read_sigma()
         self.stopped_by_budget = False
         done = self._read_steps()
+        if self.planned_steps is not None and done >= self.planned_steps:
+            raise ValueError(self._plan_done_message(done))
         if self.target_epsilon is None:
             if self.verbose and self.planned_steps is not None:
                 print(f"PrivacyBudget: {self.planned_steps} planned steps will spend epsilon "
-                      f"= {self._epsilon(self.planned_steps):.4g} at delta = {self.delta:g}.")
+                      f"= {self._epsilon_after(self.planned_steps - done):.4g} at delta = "
+                      f"{self.delta:g}.")
             return
         target = self.target_epsilon
-        try:
-            self.max_steps = accounting.calibrate_steps(
-                target, self._sigma, self._q, self.delta, self.accountant, self.sampling,
-                self.dataset_size,
-            )
-        except ValueError as err:
-            raise ValueError(f"PrivacyBudget: no training is possible within budget. {err}") \
-                from None
-        if done > self.max_steps:
-            raise ValueError(
-                f"PrivacyBudget: the optimizer has already taken {done} steps, which spend "
-                f"epsilon = {self._epsilon(done):.4g} > target_epsilon = {target:g}. "
-                "No further training fits in this budget."
-            )
+        self.max_steps = done + self._steps_that_fit()
         if self.planned_steps is not None and self.planned_steps > self.max_steps:
             raise ValueError(
                 f"PrivacyBudget: planned_steps={self.planned_steps} would spend epsilon = "
-                f"{self._epsilon(self.planned_steps):.4g} > target_epsilon = {target:g} "
-                f"(noise_multiplier={self._sigma:g}, sampling_rate={self._q:g}, "
-                f"delta={self.delta:g}, {self.accountant.upper()} accountant). At most "
+                f"{self._epsilon_after(self.planned_steps - done):.4g} > target_epsilon = "
+                f"{target:g} (noise_multiplier={self._sigma:g}, sampling_rate={self._q:g}, "
+                f"delta={self.delta:g}, {self.accountant.upper()} accountant"
+                + (f", after the {done} steps already taken" if done else "") + "). At most "
                 f"{self.max_steps} steps fit: train fewer steps/epochs, or raise the noise "
                 "multiplier (accounting.calibrate_noise_multiplier gives the one you need)."
             )
@@ -249,30 +272,29 @@ class PrivacyBudget(keras.callbacks.Callback):
                     print(f"\nPrivacyBudget: reached the {self.planned_steps} planned steps.")
         if self.max_steps is None or self.target_epsilon is None:
             return
-        self._check_sigma_unchanged()
         steps = self._read_steps()
+        sigma = self._read_sigma()
+        if sigma != self._sigma:      # changed by a callback: the ledger has the old steps
+            self._sigma = sigma
+            self.max_steps = steps + self._steps_that_fit()
         lookahead = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
         if steps + lookahead > self.max_steps and not self.model.stop_training:
             self.model.stop_training = True
             self.stopped_by_budget = True
             if self.verbose:
                 print(f"\nPrivacyBudget: stopping after {steps} steps (epsilon = "
-                      f"{self._epsilon(steps):.4g}): {self.max_steps + 1} steps would spend "
-                      f"epsilon = {self._epsilon(self.max_steps + 1):.4g} > target "
-                      f"{self.target_epsilon:g} at delta {self.delta:g}.")
+                      f"{self.epsilon_now:.4g}): {self.max_steps + 1} steps would spend "
+                      f"epsilon = {self._epsilon_after(self.max_steps + 1 - steps):.4g} > "
+                      f"target {self.target_epsilon:g} at delta {self.delta:g}.")
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
-        if self._sigma is None:  # on_train_begin not called (manual use)
-            self._sigma = self._read_sigma()
-            self._q = self._resolve_sampling_rate()
-        self._check_sigma_unchanged()
         if logs is not None:
-            logs["epsilon"] = self._epsilon(self._read_steps())
+            logs["epsilon"] = self.epsilon_now
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         if self.verbose and self._sigma is not None:
             steps = self._read_steps()
-            eps = self._epsilon(steps)
+            eps = self.epsilon_now
             shown = "inf (no noise: not private)" if math.isinf(eps) else f"{eps:.4g}"
             print(f"PrivacyBudget: {steps} steps, epsilon = {shown} at delta = {self.delta:g} "
                   f"({self.accountant.upper()}, {self.sampling} sampling).")

@@ -112,7 +112,11 @@ class DPScaleModel(keras.Model):
                 f"DPScaleModel trains with differential privacy and needs a dks.DPSGD optimizer, "
                 f"got {optimizer!r}. For non-private training use a plain keras.Model.")
         check_per_example_layers(self)
+        previous = getattr(self, "optimizer", None)
         super().compile(optimizer, *args, **kwargs)
+        if isinstance(previous, DPSGD) and previous is not optimizer:
+            # The weights carry what the earlier steps learned: their privacy cost stays.
+            optimizer.carry_over(previous)
 
     def compile_from_config(self, config):
         """Recompiles a loaded model (Keras skips models that override `compile`)."""
@@ -130,8 +134,21 @@ class DPScaleModel(keras.Model):
         (so every other callback sees the restored step count), and checks that an
         uncalibrated ``DPSGD(noise_multiplier=None)`` comes with a `PrivacyBudget` that can
         calibrate it.
+
+        Every ``fit`` starts a new sampled batch, so a logical step that an earlier ``fit``
+        left half accumulated (interrupted, stopped by the budget) is discarded, at the end of
+        that ``fit`` and again at the start of the next: a noisy step never sums two sampled
+        batches (one example could then count twice). ``steps_per_epoch`` must be a multiple
+        of the optimizer's ``gradient_accumulation_steps`` for the same reason.
         """
         check_per_example_layers(self)
+        accumulation = getattr(self.optimizer, "dp_accumulation_steps", 1)
+        steps_per_epoch = kwargs.get("steps_per_epoch")
+        if steps_per_epoch is not None and steps_per_epoch % accumulation:
+            raise ValueError(
+                f"steps_per_epoch={steps_per_epoch} micro-batches would end an epoch inside a "
+                f"logical step of {accumulation} micro-batches: pass a multiple of "
+                f"{accumulation} (sampler.steps_per_epoch * sampler.accumulation_steps).")
         warn_slow_layers(self)
         callbacks = _order_callbacks(list(callbacks or []))
         _check_distributed_input(self.distribute_strategy, x)
@@ -153,8 +170,12 @@ class DPScaleModel(keras.Model):
                 "partitioning, which is neither Poisson nor fixed-size sampling: no accountant "
                 "here describes it. For a guarantee that matches dks.accounting, feed "
                 "dks.data.BatchSampler(...).dataset(x, y).", stacklevel=2)
-        return super().fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
-                           callbacks=callbacks, **kwargs)
+        self.optimizer.discard_partial_step()
+        try:
+            return super().fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                               callbacks=callbacks, **kwargs)
+        finally:
+            self.optimizer.discard_partial_step()
 
     @property
     def metrics(self):

@@ -11,6 +11,9 @@ from keras.src.optimizers import base_optimizer
 
 from dp_keras_scale.averaging import AverageSpec
 from dp_keras_scale.clipping import gaussian_noise, split_noise_seed
+from dp_keras_scale.ledger import PrivacyLedger, Segment
+
+_LEDGER_KEY = "privacy_ledger"   # the ledger's entry among the optimizer's saved variables
 
 
 def _is_first_replica(context: tf.distribute.ReplicaContext):
@@ -55,6 +58,13 @@ class DPSGD(keras.optimizers.SGD):
     fresh noise key from the operating system's RNG, so a resumed run never repeats a noise
     draw of the interrupted one, and discards a partially accumulated logical step (its
     micro-batches came from a batch the resumed input pipeline will not finish).
+    `DPScaleModel.fit` discards a partial step at the start and end of every ``fit`` too, so
+    a logical step never mixes two sampled batches.
+
+    ``ledger`` (a `dks.ledger.PrivacyLedger`) records what was spent: steps per noise
+    multiplier and sampling rate, including a sigma changed between fits and the history of
+    an optimizer this one replaced in a recompile. It is saved and restored with the
+    optimizer's variables; `spent` returns it and `dks.callbacks.PrivacyBudget` composes it.
 
     Under `tf.distribute` (create it inside ``strategy.scope()``), replica 0 adds the noise
     once to its clipped sum before the sums are all-reduced, so the global sum carries one draw
@@ -75,8 +85,11 @@ class DPSGD(keras.optimizers.SGD):
         expected_batch_size: the expected number of examples per logical step, required with
             Poisson sampling (q * N). Without it, the logical batch size is the micro-batch
             size times ``gradient_accumulation_steps`` (fixed-size batches).
-        noise_seed: integer seed for reproducible noise (tests); by default a fresh seed from
-            the operating system's RNG. Restoring a checkpoint always re-keys from the OS RNG.
+        noise_seed: integer seed for DETERMINISTIC noise (tests, debugging). Whoever knows
+            the seed can regenerate every noise draw, so such steps carry no privacy
+            guarantee: the ledger marks them and the privacy statement says so. By default
+            a fresh key from the operating system's RNG. Restoring a checkpoint always
+            re-keys from the OS RNG.
         weight_averages: configs of the averages to keep (set by `DPScaleModel.fit` from
             `dks.callbacks.EMA` / `Polyak` callbacks, and saved in the optimizer's config).
 
@@ -107,12 +120,15 @@ class DPSGD(keras.optimizers.SGD):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
         self.l2_norm_clip = float(l2_norm_clip)
         self._noise_stddev_variable = None
+        self.ledger = PrivacyLedger()
         self.noise_multiplier = noise_multiplier
         self.rescale_to_unit_norm = bool(rescale_to_unit_norm)
         self.dp_accumulation_steps = int(gradient_accumulation_steps)
         self.expected_batch_size = (None if expected_batch_size is None
                                     else float(expected_batch_size))
         self.noise_seed = noise_seed
+        self.ledger.update(0, expected_batch_size=self.expected_batch_size,
+                           deterministic_noise=noise_seed is not None)
         self._average_specs = [AverageSpec(**spec) for spec in weight_averages or []]
         self._averages: dict[str, tuple[list, keras.Variable]] = {}
 
@@ -126,8 +142,43 @@ class DPSGD(keras.optimizers.SGD):
         if value is not None and not value >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {value}")
         self._noise_multiplier = None if value is None else float(value)
+        self.ledger.update(self._steps_now(), noise_multiplier=self._noise_multiplier)
         if self._noise_stddev_variable is not None and value is not None:
             self._noise_stddev_variable.assign(self.noise_stddev)
+
+    # -- the privacy ledger ------------------------------------------------------------------
+
+    def _steps_now(self) -> int:
+        return int(self.iterations.numpy())
+
+    def spent(self) -> list[Segment]:
+        """The segments of noisy steps taken so far (`dks.ledger.PrivacyLedger.spent`).
+
+        Example:
+            >>> [(s.noise_multiplier, s.steps) for s in model.optimizer.spent()]
+        """
+        return self.ledger.spent(self._steps_now())
+
+    def describe_sampling(self, sampling_rate: float) -> None:
+        """Records the sampling rate q of the steps from now on (`PrivacyBudget` calls it)."""
+        self.ledger.update(self._steps_now(), sampling_rate=float(sampling_rate))
+
+    def carry_over(self, previous: "DPSGD") -> None:
+        """Takes over the spent history of the optimizer this one replaces (a recompile)."""
+        self.ledger.restore(previous.spent() + self.spent(), self._steps_now())
+
+    def discard_partial_step(self) -> bool:
+        """Drops a partially accumulated logical step (its micro-batches' clipped sums, which
+        carry no noise yet); returns whether there was one."""
+        if not self.built or self.dp_accumulation_steps == 1:
+            return False
+        micro = int(self._micro_steps.numpy())
+        partial = micro % self.dp_accumulation_steps
+        if partial:
+            self._micro_steps.assign(micro - partial)
+            for acc in self._accumulators:
+                acc.assign(tf.zeros_like(acc))
+        return bool(partial)
 
     @property
     def noise_stddev(self) -> float:
@@ -206,17 +257,23 @@ class DPSGD(keras.optimizers.SGD):
 
     # -- restoring ---------------------------------------------------------------------------
 
+    def save_own_variables(self, store):
+        """Saves the optimizer's variables and its privacy ledger."""
+        super().save_own_variables(store)
+        store[_LEDGER_KEY] = PrivacyLedger.to_array(self.spent())
+
     def load_own_variables(self, store):
-        """Restores a checkpoint, then re-keys the noise and drops a partial logical step."""
-        super().load_own_variables(store)
+        """Restores a checkpoint and its ledger, then re-keys the noise from the OS RNG and
+        drops a partial logical step."""
+        saved = PrivacyLedger.from_array(store[_LEDGER_KEY]) if _LEDGER_KEY in store else None
+        super().load_own_variables({k: store[k] for k in store.keys() if k != _LEDGER_KEY})
         if self.noise_multiplier is not None:   # the config's sigma, restored with it
             self._noise_stddev_variable.assign(self.noise_stddev)
         self._seed.assign(_random_seed())
-        partial = self._micro_steps.numpy() % self.dp_accumulation_steps
-        if partial:
-            self._micro_steps.assign(self._micro_steps.numpy() - partial)
-            for acc in self._accumulators:
-                acc.assign(tf.zeros_like(acc))
+        # A file without a ledger (older versions): its steps ran at the config's settings.
+        self.ledger.restore(saved or [], self._steps_now() if saved is not None else 0)
+        self.ledger.update(self._steps_now(), deterministic_noise=False)   # re-keyed above
+        self.discard_partial_step()
 
     def apply(self, grads, trainable_variables=None):
         """Refuses raw gradients; `apply_private` is the way in."""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 
+import dp_keras_scale as dks
 from dp_keras_scale import accounting
 from dp_keras_scale.callbacks import PrivacyBudget
 
@@ -272,13 +273,11 @@ def test_privacy_statement_fixed_and_non_private():
 
 
 def _tiny_model(noise_multiplier=2.0):
-    """Dense model with a plain SGD; the real dks.DPSGD provides `noise_multiplier`."""
+    """A tiny DPScaleModel with dks.DPSGD (batches of in-memory arrays: the callback tests
+    only count steps)."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    optimizer = keras.optimizers.SGD(0.01)
-    if noise_multiplier is not None:
-        optimizer.noise_multiplier = noise_multiplier  # set by dks.DPSGD in real use
-    model.compile(optimizer=optimizer, loss="mse")
+    model = dks.make_private(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+    model.compile(optimizer=dks.DPSGD(0.01, noise_multiplier=noise_multiplier), loss="mse")
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     return model, x, np.zeros((64, 2), "float32")
 
