@@ -135,7 +135,8 @@ def test_all_layers_clipped_sum_matches_per_example_loop(files, batch, source):
         model = finetune.build(files[source], NUM_CLASSES, mode="all_layers",
                                classifier="keep" if source == "keras" else "add")
     randomize_classifier(model)   # non-zero head: gradients reach the backbone at once
-    compile_dp(model, l2_norm_clip=0.05, learning_rate=0.5, expected_batch_size=5.0)
+    # 5 examples are masked in; the normalizer is the expected batch size 6.5, not 5.
+    compile_dp(model, l2_norm_clip=0.05, learning_rate=0.5, expected_batch_size=6.5)
     y_copies = np.repeat(y[:, None], 2, axis=1)
     expected = reference_clipped_sum(model, x, y_copies, mask, clip=0.05)
     backbone_ids = {id(v) for v in model.get_layer("backbone").trainable_variables}
@@ -143,7 +144,7 @@ def test_all_layers_clipped_sum_matches_per_example_loop(files, batch, source):
     for v, e in zip(model.trainable_variables, expected):
         if id(v) in backbone_ids:
             assert np.max(np.abs(e)) > 1e-6, v.path   # gradients flow into the backbone
-    assert_close(one_step_update(model, x, y, mask), [0.5 * e / 5.0 for e in expected])
+    assert_close(one_step_update(model, x, y, mask), [0.5 * e / 6.5 for e in expected])
 
 
 def test_keras_backbone_convs_take_the_fast_path_savedmodel_warns(files, batch):

@@ -82,15 +82,45 @@ def test_bad_sampler_arguments(kwargs, match):
 
 def test_poisson_training_end_to_end_uses_expected_batch_size():
     import keras
-    from conftest import compile_dp, small_convnet
+    import tensorflow as tf
+    from conftest import assert_close, compile_dp, small_convnet, weights_of, xent
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 8, 8, 3)).astype(np.float32)
     y = rng.integers(0, 3, 40)
+    steps, lr, clip = 3, 0.5, 1.0
     ds, sampler = dks.data.poisson_batches(x, y, expected_batch_size=8, microbatch_size=8,
-                                           seed=0)
-    model = compile_dp(small_convnet(), noise_multiplier=1.0, l2_norm_clip=1.0,
-                       expected_batch_size=sampler.expected_batch_size,
+                                           seed=3)
+    model = compile_dp(small_convnet(), learning_rate=lr, noise_multiplier=0.0,
+                       l2_norm_clip=clip, expected_batch_size=sampler.expected_batch_size,
                        gradient_accumulation_steps=sampler.accumulation_steps)
-    model.fit(ds, steps_per_epoch=2 * sampler.accumulation_steps, epochs=1, verbose=0)
-    assert int(model.optimizer.iterations) == 2
-    assert isinstance(model, keras.Model)
+    assert sampler.accumulation_steps > 1          # the logical batch spans micro-batches
+    model.fit(ds, steps_per_epoch=steps * sampler.accumulation_steps, epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == steps
+
+    # Reference: the same draws (a sampler with the same seed), a per-example loop, and plain
+    # SGD on sum_i clip(g_i) / 8, whatever the number of examples the batch realized.
+    twin = BatchSampler(40, expected_batch_size=8, microbatch_size=8, seed=3)
+    reference = small_convnet(model_class=keras.Model)
+    by_expected, by_realized, sizes = weights_of(reference), weights_of(reference), []
+    for _ in range(steps):
+        chosen = twin.sample_indices()
+        chosen = chosen[chosen >= 0]
+        sizes.append(len(chosen))
+        for weights, normalizer in ((by_expected, 8.0), (by_realized, float(len(chosen)))):
+            for v, w in zip(reference.trainable_variables, weights):
+                v.assign(w)
+            total = [np.zeros(w.shape, np.float64) for w in weights]
+            for i in chosen:
+                with tf.GradientTape() as tape:
+                    loss = xent()(y[i:i + 1], reference(x[i:i + 1], training=True))
+                grads = [g.numpy().astype(np.float64)
+                         for g in tape.gradient(loss, reference.trainable_variables)]
+                norm = np.sqrt(sum(np.sum(g ** 2) for g in grads))
+                for t, g in zip(total, grads):
+                    t += min(1.0, clip / norm) * g
+            weights[:] = [w - lr * t / normalizer for w, t in zip(weights, total)]
+    assert 8 not in sizes and any(abs(n - 8) >= 3 for n in sizes), sizes   # 7, 9, 5
+    assert_close(weights_of(model), by_expected, rtol=1e-5)
+    # ... and dividing by the realized count would be visibly different.
+    gap = max(np.max(np.abs(a - b)) for a, b in zip(by_realized, by_expected))
+    assert gap > 1e-3 * max(np.max(np.abs(w)) for w in by_expected), sizes
