@@ -242,6 +242,26 @@ def worker_role() -> dict:
     out["history"] = {k: v[-1] for k, v in history.history.items()}
     out["key"] = model.optimizer._seed.numpy().tolist()
     out["iterations"] = int(model.optimizer.iterations.numpy())
+
+    # Noise only (sigma > 0): every row masked out, lr = 1, expected batch 1 -> update = -noise.
+    with strategy.scope():
+        noisy = compile_dp(wide_dense(), noise_multiplier=SIGMA, l2_norm_clip=NOISE_CLIP,
+                           noise_seed=NOISE_SEED, expected_batch_size=1.0,
+                           gradient_accumulation_steps=2)
+        noisy.optimizer.build(noisy.trainable_variables)
+    out["noise_initial"] = as_lists(weights(noisy))
+    out["noise_initial_key"] = noisy.optimizer._seed.numpy().tolist()
+
+    def masked_zeros(context):    # 2 logical steps of 2 micro-batches of 2 rows per worker
+        return tf.data.Dataset.from_tensor_slices(
+            (np.zeros((8, 16), np.float32), np.zeros(8, np.int64), np.zeros(8, np.float32))
+        ).batch(2)
+
+    recorder = StepWeights(strategy)
+    noisy.fit(strategy.distribute_datasets_from_function(masked_zeros), epochs=1, verbose=0,
+              steps_per_epoch=4, callbacks=[recorder])
+    out["noise_steps"] = [as_lists(w) for w in recorder.weights]
+    out["noise_keys"] = recorder.keys
     return out
 
 
@@ -376,7 +396,9 @@ def _train_two_workers(tmp_path) -> tuple[list, list[str], list[int]]:
     return [r for r, _ in finished], [log for _, log in finished], ports
 
 
-def test_multi_worker_two_processes_match_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("workers")
     for attempt in range(2):      # a second try with fresh ports if the cluster did not start
         results, logs, ports = _train_two_workers(tmp_path)
         started = all("RUNTIME_READY" in log for log in logs)
@@ -389,6 +411,11 @@ def test_multi_worker_two_processes_match_one_process(tmp_path):
             pytest.skip("the multi-worker runtime did not start in this sandbox (2 workers on "
                         f"127.0.0.1:{ports}, twice); worker logs printed above")
         pytest.fail(f"multi-worker training failed:\n{joined}")
+    return results
+
+
+def test_multi_worker_two_processes_match_one_process(two_workers):
+    results = two_workers
     first, second = results
     assert first["replicas"] == second["replicas"] == 2
     assert first["plain_dataset_refused"] and second["plain_dataset_refused"]
@@ -404,6 +431,32 @@ def test_multi_worker_two_processes_match_one_process(tmp_path):
         assert result["key"] == seed_after(2, (TRAIN_SEED, 0x5EED), len(expected))
         for name, value in metrics.items():
             assert result["history"][name] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+def test_multi_worker_noise_is_added_once_not_once_per_worker(two_workers):
+    # sigma > 0 on 2 worker processes: the update is the single-device draw from the same key
+    # (noise from every worker would double its variance and differ from that draw).
+    std = SIGMA * NOISE_CLIP
+    for result in two_workers:
+        assert result["noise_initial_key"] == two_workers[0]["noise_initial_key"]
+        initial = [np.asarray(w) for w in result["noise_initial"]]
+        assert len(result["noise_steps"]) == 2
+        key = tf.constant(result["noise_initial_key"], tf.int64)
+        before = initial
+        for after, keys in zip(result["noise_steps"], result["noise_keys"]):
+            delta = [b - np.asarray(a) for a, b in zip(after, before)]
+            before = [np.asarray(a) for a in after]
+            flat = np.concatenate([d.ravel() for d in delta]).astype(np.float64)
+            statistic = float(np.sum(flat ** 2) / std ** 2)      # ~ chi2(n) for one draw
+            assert min(stats.chi2.sf(statistic, flat.size),
+                       stats.chi2.cdf(statistic, flat.size)) > 1e-6, \
+                f"noise variance {statistic / flat.size:.3f} (sigma C)^2, expected 1"
+            noise, key = dks.clipping.gaussian_noise([d.shape for d in delta], std, key)
+            for d, e in zip(delta, noise):
+                np.testing.assert_allclose(d, e.numpy(), atol=1e-4 * std)
+            assert keys == [key.numpy().tolist()]                 # one replica per worker
+    for a, b in zip(two_workers[0]["noise_steps"][-1], two_workers[1]["noise_steps"][-1]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # -- the sampler, in process ----------------------------------------------------------------
