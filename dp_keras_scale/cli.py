@@ -17,6 +17,7 @@ and epsilon never import TensorFlow.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -135,6 +136,12 @@ def _train(args) -> None:
     except BaseException:
         _remove_if_only_config(out, existed)
         raise
+    finally:
+        # Keras's epoch iterator sits in a reference cycle with its generator: collected at
+        # interpreter exit, the Python input pipeline's iterator (tf.data from_generator) fails
+        # to finalize ("Error occurred when finalizing GeneratorDataset iterator"). Collect it
+        # while Python still runs.
+        gc.collect()
     print(f"\n{open(os.path.join(out, 'privacy.txt')).read()}")
     ema = (f", EMA weights {summary['ema_test_accuracy']:.4f}"
            if "ema_test_accuracy" in summary else "")

@@ -112,7 +112,7 @@ def describe(name_or_path: str) -> str:
 
     Example:
         >>> describe("mnist_cpu")
-        'small weight-standardized GroupNorm CNN, Poisson batches of 512, (3, 1e-5)-DP'
+        'MNIST, CPU: small weight-standardized GroupNorm CNN, Poisson batches of 512, (3, 1e-5)-DP'
     """
     raw, _ = _read(name_or_path)
     description = raw.get("run", {}).get("description", "")
@@ -175,7 +175,8 @@ def _check_value(section: str, key: str, value: Any) -> Any:
     if kind is list:
         if not isinstance(value, list) or not value or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise ConfigError(f"{where} must be a list of positive integers, got {toml_value(value)}.")
+            raise ConfigError(f"{where} must be a list of positive integers, got "
+                              f"{toml_value(value)}.")
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {toml_value(value)}.")

@@ -1,7 +1,8 @@
 """Run a config end to end: data, sampler, model, DP-SGD, averaging, budget, and a run directory.
 
 A run directory holds ``config.toml`` (resolved), ``metrics.csv`` / ``metrics.json`` (one row
-per epoch: step, loss, test accuracy, EMA test accuracy, epsilon), ``privacy.txt`` /
+per evaluation point, about 20 from step 0: logical step, epoch, loss, test accuracy, EMA test
+accuracy, epsilon; `RunMetrics`), ``privacy.txt`` /
 ``privacy.json`` (the privacy statement), ``model.keras`` (and ``ema_model.keras``),
 ``summary.json`` and PNG plots. Re-running the same command with the same directory resumes
 an interrupted run (`keras.callbacks.BackupAndRestore` under ``backup/``).
@@ -87,41 +88,156 @@ def build_model(config: dict, input_shape: tuple[int, ...]) -> keras.Model:
     return DPScaleModel(inputs, body(standardized), name=body.name)
 
 
-class EpochMetrics(keras.callbacks.Callback):
-    """Evaluates on the test set every epoch (training and EMA weights) and writes metrics.
+#: Evaluation points of a run besides step 0 (`RunMetrics`): enough for a curve.
+EVALUATION_POINTS = 20
+#: Test examples evaluated at the intermediate points (the last point uses all of them).
+INTERMEDIATE_TEST_EXAMPLES = 2000
 
-    It runs after `PrivacyBudget` (which writes ``logs["epsilon"]``) and appends a row to
-    ``metrics.csv`` / ``metrics.json`` in ``run_dir``.
+
+def evaluation_steps(planned_steps: int, points: int = EVALUATION_POINTS) -> list[int]:
+    """The logical steps at which a run is evaluated: 0, about `points` evenly spaced steps
+    and the last one.
+
+    Example:
+        >>> evaluation_steps(12)
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        >>> evaluation_steps(1000)[:4]
+        [0, 50, 100, 150]
+    """
+    every = max(1, math.ceil(planned_steps / points))
+    return sorted(set(range(0, planned_steps, every)) | {planned_steps})
+
+
+class RunMetrics(keras.callbacks.Callback):
+    """Test metrics at about `EVALUATION_POINTS` logical steps of a run, from step 0.
+
+    At each step of `evaluation_steps` (logical, noisy steps: ``optimizer.iterations``) it
+    evaluates the training weights (and the EMA weights) on the test set, reads epsilon from
+    the `PrivacyBudget`, appends a row to ``metrics.csv`` / ``metrics.json`` in ``run_dir``
+    and, with ``verbose``, prints one progress line. Intermediate points use the first
+    `INTERMEDIATE_TEST_EXAMPLES` test examples (cheap); the last point uses all of them.
+    A resumed run keeps the rows up to its restored step.
+
+    Args:
+        x_test, y_test: the test set (arrays, or a random-access source with y_test None).
+        run_dir: where the metrics files are written.
+        ema: whether the optimizer keeps an "ema" average to evaluate too.
+        budget: the run's `dks.callbacks.PrivacyBudget` (before this callback in the list).
+        verbose: 0 silent; otherwise one line per evaluation point.
+
+    Example:
+        >>> model.fit(ds, callbacks=[budget, RunMetrics(x_test, y_test, "runs/x", False,
+        ...                                              budget, verbose=1)], verbose=0)
     """
 
-    def __init__(self, x_test, y_test, run_dir: str, ema: bool, budget):
+    def __init__(self, x_test, y_test, run_dir: str, ema: bool, budget, verbose: int = 0):
         super().__init__()
         self.x_test, self.y_test, self.run_dir, self.ema, self.budget = \
             x_test, y_test, run_dir, ema, budget
+        self.verbose = verbose
         self.rows: list[dict[str, Any]] = []
+        self._points: set[int] = set()
+        self._last, self._steps_per_epoch = 0, 1
+        self._start = time.time()
         path = os.path.join(run_dir, "metrics.json")
         if os.path.exists(path):             # a resumed run keeps the earlier rows
             with open(path) as f:
                 self.rows = json.load(f)
 
-    def _accuracy(self) -> float:
-        x, y = _evaluation_input(self.x_test, self.y_test)
-        result = self.model.evaluate(x, y, batch_size=1000, verbose=0, return_dict=True)
-        return float(result["accuracy"])
+    def _step(self) -> int:
+        return int(self.model.optimizer.iterations)
+
+    def _accuracy(self, final: bool) -> tuple[float, int]:
+        x, y = self.x_test, self.y_test
+        if not final and not isinstance(x, data.TFDSSource):
+            x, y = x[:INTERMEDIATE_TEST_EXAMPLES], y[:INTERMEDIATE_TEST_EXAMPLES]
+        inputs, labels = _evaluation_input(x, y)
+        result = self.model.evaluate(inputs, labels, batch_size=1000, verbose=0,
+                                     return_dict=True)
+        return float(result["accuracy"]), len(x)
+
+    def on_train_begin(self, logs=None):
+        step = self._step()
+        self._steps_per_epoch = max(1, (self.params.get("steps") or 1) // self._accumulation())
+        planned = self.budget.planned_steps or step + self.params["epochs"] * \
+            self._steps_per_epoch
+        self._last = planned
+        self._points = set(evaluation_steps(planned))
+        self._start = time.time()
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        if not any(r["step"] == step for r in self.rows) and step in self._points | {0}:
+            self._record(step, {}, final=False)
+
+    def _accumulation(self) -> int:
+        return int(getattr(self.model.optimizer, "gradient_accumulation_steps", 1) or 1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._step()
+        if step in self._points and not any(r["step"] == step for r in self.rows):
+            self._record(step, logs or {}, final=step >= self._last)
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        row = {"epoch": epoch + 1, "step": int(self.model.optimizer.iterations),
-               "loss": float(logs.get("loss", math.nan)),
-               "accuracy": float(logs.get("accuracy", math.nan)),
-               "test_accuracy": self._accuracy(),
-               "epsilon": float(self.budget.epsilon_now)}
+        if logs is not None and self.rows:
+            logs.update({k: v for k, v in self.rows[-1].items()
+                         if k.startswith(("test_acc", "ema"))})
+
+    def on_train_end(self, logs=None):
+        step = self._step()
+        last = self.rows[-1] if self.rows else None
+        if last is None or last["step"] != step or last["test_examples"] < len(self.x_test):
+            self.rows = [r for r in self.rows if r["step"] < step]
+            self._record(step, logs or {}, final=True)
+
+    def _record(self, step: int, logs: dict, final: bool) -> None:
+        row: dict[str, Any] = {"step": step,
+                               "epoch": round(step / self._steps_per_epoch, 4)}  # fractional
+        for key in ("loss", "accuracy"):             # running means over the epoch so far
+            if key in logs:
+                row[key] = float(logs[key])
+        row["test_accuracy"], row["test_examples"] = self._accuracy(final)
         if self.ema:
             with callbacks.averaged_weights(self.model, "ema"):
-                row["ema_test_accuracy"] = self._accuracy()
-        logs.update({k: v for k, v in row.items() if k.startswith(("test", "ema"))})
-        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+                row["ema_test_accuracy"] = self._accuracy(final)[0]
+        row["epsilon"] = float(self.budget.epsilon_now)
+        self.rows.append(row)
         write_metrics(self.rows, self.run_dir)
+        if self.verbose:
+            print(progress_line(row, self._last, time.time() - self._start), flush=True)
+
+
+def tensorboard_callbacks(run_dir: str) -> list[keras.callbacks.Callback]:
+    """``[keras.callbacks.TensorBoard]`` writing to ``run_dir/tensorboard`` when the
+    ``tensorboard`` package is installed (``pip install dp-keras-scale[tensorboard]``), else
+    ``[]``. Put it after `PrivacyBudget` and `RunMetrics`: its epoch scalars then include
+    epsilon and the test accuracies, next to loss, accuracy and the DP counters.
+
+    Example:
+        >>> model.fit(ds, callbacks=[budget, *tensorboard_callbacks("runs/x")])
+    """
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return []
+    return [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"),
+                                        write_graph=False)]
+
+
+def progress_line(row: dict, planned_steps: int, seconds: float) -> str:
+    """One line of training progress, counted in logical (noisy) DP-SGD steps.
+
+    Example:
+        >>> progress_line({"step": 6, "loss": 1.2, "test_accuracy": 0.5, "test_examples": 300,
+        ...                "epsilon": 4.1}, 12, 30.0)
+        'step 6/12: loss 1.2000, test acc 0.5000 (300 images), epsilon 4.100 [30 s]'
+    """
+    width = len(str(planned_steps))
+    parts = [f"loss {row['loss']:.4f}"] if "loss" in row else []
+    parts.append(f"test acc {row['test_accuracy']:.4f}" + (
+        f", EMA {row['ema_test_accuracy']:.4f}" if "ema_test_accuracy" in row else "")
+        + f" ({row['test_examples']} images)")
+    parts.append(f"epsilon {row['epsilon']:.3f}")
+    return (f"step {row['step']:>{width}}/{planned_steps}: {', '.join(parts)} "
+            f"[{seconds:.0f} s]")
 
 
 def write_metrics(rows: list[dict], run_dir: str) -> None:
@@ -421,7 +537,8 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
                                                       save_freq="epoch"), budget]
     if ema:
         fit_callbacks.append(callbacks.EMA(t["ema_decay"], use_for_validation=False))
-    fit_callbacks.append(EpochMetrics(x_test, y_test, run_dir, ema, budget))
+    fit_callbacks.append(RunMetrics(x_test, y_test, run_dir, ema, budget, verbose))
+    fit_callbacks += tensorboard_callbacks(run_dir)
     if verbose:
         rows = "feature rows" if getattr(x, "ndim", 4) == 2 else "examples"
         print(f"{config['run']['name']}: {n} {rows}, Poisson rate "
@@ -430,7 +547,7 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
               f"delta {p['delta']:g}", flush=True)
     model.fit(sampler.dataset(x, y, map_fn=map_fn), epochs=schedule["epochs"],
               steps_per_epoch=schedule["steps_per_epoch"] * sampler.accumulation_steps,
-              callbacks=fit_callbacks, verbose=verbose)
+              callbacks=fit_callbacks, verbose=0, shuffle=False)   # progress: RunMetrics
     statement = accounting.privacy_statement(
         model.optimizer.noise_multiplier, schedule["sampling_rate"],
         int(model.optimizer.iterations), p["delta"], p["l2_norm_clip"], dataset_size=n,

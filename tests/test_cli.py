@@ -18,8 +18,14 @@ from dp_keras_scale.experiment import plan
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# A TensorFlow / absl C++ log line ("I0000 00:00:... port.cc:153] ...") or a Python warning.
+NOISE = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|Warning|GeneratorDataset|PyFunc|cuInit",
+                   re.M)
+
+
 def cli(*args, timeout=600):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    """Runs the command in the environment of a fresh shell (no log-level variables)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run([sys.executable, "-m", "dp_keras_scale.cli", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
@@ -97,13 +103,20 @@ def test_train_evaluate_and_report_end_to_end(tmp_path):
                  "--set", "privacy.target_epsilon=8", "--set", "training.seed=0",
                  "--set", "training.augmult=2", "--set", "training.jit_compile=false")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not NOISE.search(result.stderr), result.stderr[-3000:]
+    assert result.stdout.startswith("fashion_mnist_cpu: training into")
+    progress = re.findall(r"^step +(\d+)/12: ", result.stdout, re.M)   # logical steps
+    assert progress == [str(i) for i in range(13)]
     for name in ("config.toml", "metrics.csv", "metrics.json", "privacy.txt", "privacy.json",
                  "model.keras", "ema_model.keras", "summary.json", "accuracy_vs_steps.png",
                  "epsilon_vs_steps.png"):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     rows = json.loads((out / "metrics.json").read_text())
-    assert summary["steps"] == 12 and [r["step"] for r in rows] == [6, 12]
+    assert summary["steps"] == 12 and [r["step"] for r in rows] == list(range(13))
+    assert rows[0]["epsilon"] == 0 and rows[-1]["test_examples"] == 300
+    assert rows[-1]["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert list((out / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert summary["epsilon"] == pytest.approx(dks.accounting.epsilon(
         summary["noise_multiplier"], 200 / 1200, 12, 1e-5), rel=1e-9)
     assert 7.9 < summary["epsilon"] <= 8.0 and rows[-1]["epsilon"] == summary["epsilon"]
@@ -111,14 +124,17 @@ def test_train_evaluate_and_report_end_to_end(tmp_path):
     assert f"Test accuracy: {summary['test_accuracy']:.4f}" in result.stdout
     assert cfg.load_config(str(out / "config.toml"))["training"]["augmult"] == 2
 
-    evaluated = cli("evaluate", str(out), "--weights", "ema")
+    evaluated = cli("evaluate", str(out), "--weights", "ema", "--verbose")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert NOISE.search(evaluated.stderr)           # --verbose brings TensorFlow's logs back
     assert json.loads(evaluated.stdout)["accuracy"] == pytest.approx(
         summary["ema_test_accuracy"], abs=1e-6)
     audited = cli("audit", str(out), "--examples", "200")
     assert audited.returncode == 0, audited.stderr[-2000:]
     audit_report = json.loads((out / "audit.json").read_text())
     assert 0 <= audit_report["auc"] <= 1 and audit_report["members"] == 200
+    assert audit_report["tpr_at_fpr"] == {}          # 200 non-members measure no 1% FPR
+    assert "needs at least 1000 non-members" in audit_report["not_measured"]["0.01"]
     assert audit_report["accounted_epsilon"] == summary["epsilon"]
     assert (out / "audit_roc.png").exists()
     report = cli("report", str(out), "--out", str(tmp_path / "report.png"))

@@ -99,15 +99,45 @@ class BatchSampler:
         return out
 
     def dataset(self, x, y=None, steps: int | None = None,
-                map_fn: Callable | None = None) -> tf.data.Dataset:
+                map_fn: Callable | None = None,
+                num_classes: int | None = None) -> tf.data.Dataset:
         """An endless (or `steps` logical steps long) dataset of (x, y, mask) micro-batches.
 
         `x` and `y` are in-memory arrays, or `x` is a random-access source read by index
         (`dks.data.tfds_source(...)`, e.g. ImageNet) and `y` is None.
         `map_fn(x, y, mask) -> (x, y, mask)`, e.g. augmentation, runs on each micro-batch.
+        Integer labels are checked here (`check_labels`): >= 0, and < `num_classes` if given.
         """
+        if y is not None:
+            check_labels(y, num_classes)
         return masked_microbatches(x, y, self.num_examples, self.sample_indices,
                                    self.padded_batch_size, self.microbatch_size, steps, map_fn)
+
+
+def check_labels(y, num_classes: int | None = None) -> None:
+    """Raises a one-line ``ValueError`` if integer class labels are negative or, given
+    `num_classes`, not below it (TensorFlow would fail inside the training step instead).
+    One-hot or float labels (2-d, or a float dtype) are left alone.
+
+    Example:
+        >>> check_labels(np.array([0, 9, 10]), num_classes=10)
+        Traceback (most recent call last):
+        ValueError: Labels must be class indices in 0..9 (num_classes=10); found 10 ...
+    """
+    labels = np.asarray(y)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or not labels.size:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    top = None if num_classes is None else int(num_classes) - 1
+    if low >= 0 and (top is None or high <= top):
+        return
+    bad = labels < 0 if top is None else (labels < 0) | (labels > top)
+    first = int(np.flatnonzero(bad)[0])
+    valid = "non-negative class indices" if top is None else \
+        f"class indices in 0..{top} (num_classes={num_classes})"
+    raise ValueError(f"Labels must be {valid}; found {labels[first]} at index {first} "
+                     f"({int(bad.sum())} of {labels.size} labels out of range, min {low}, "
+                     f"max {high}).")
 
 
 def masked_microbatches(x, y, num_examples: int, draw_indices: Callable[[], np.ndarray],

@@ -279,6 +279,16 @@ def _corrupt(path: Path | str, problem: str, name: str | None = None) -> Corrupt
     return CorruptDatasetError(f"Corrupt dataset file {path}: {problem}. Delete the file{hint}.")
 
 
+def _incomplete(have: Path, missing: str, name: str) -> CorruptDatasetError:
+    """The error for a split whose images file is there but its labels file is not (or the
+    reverse): the file that is there is fine, so the hint never says to delete it."""
+    fix = (f"re-fetch the dataset (`{FETCH_COMMAND.format(name=name)}`)" if name in KNOWN_FILES
+           else "put the missing file next to it")
+    return CorruptDatasetError(
+        f"Incomplete dataset in {have.parent}: {have.name} is there but {missing} is missing. "
+        f"Keep {have.name} and {fix}.")
+
+
 def _not_found_message(info: DatasetInfo, split: str, tried: list[str]) -> str:
     lines = [f"Dataset {info.name!r} (split {split!r}) not found. Tried:"]
     lines += [f"  - {t}" for t in tried]
@@ -418,9 +428,8 @@ def _load_idx_split(info: DatasetInfo, split: str, root: Path, *, verify: bool
         return None
     if img_path is None or lbl_path is None:
         have, missing = (img_path, "labels") if img_path else (lbl_path, "images")
-        raise _corrupt(have, f"incomplete dataset: the matching {missing} file "
-                             f"({_IDX_PREFIX[split]}-{missing}-idx...-ubyte[.gz]) is missing",
-                       info.name)
+        raise _incomplete(have, f"{_IDX_PREFIX[split]}-{missing}-idx"
+                                f"{1 if missing == 'labels' else 3}-ubyte[.gz]", info.name)
     images = _read_verified_idx(img_path, info.name, verify)
     labels = _read_verified_idx(lbl_path, info.name, verify)
     if images.ndim != 3:
