@@ -3,6 +3,7 @@
     python benchmarks/audit.py               # Fashion-MNIST subsets, 17 min on 2 shared cores
     python benchmarks/audit.py --quick       # smaller and fewer epochs, about 6 min
     python benchmarks/audit.py --epsilons 1,3,8 --references 4
+    python benchmarks/audit.py --dp-off-control   # + the DP recipe without noise/clipping
 
 For each model (non-private, then DP-SGD at each target epsilon):
 1. Canary audit (one training run): `--canaries` training images with a random wrong label,
@@ -17,6 +18,9 @@ For each model (non-private, then DP-SGD at each target epsilon):
    (`--dp-references`) reference models trained with the same recipe on disjoint data (clean +
    their own mislabeled images, same sizes). ROC AUC and TPR at FPR 0.1% / 1%.
 All models share the canaries, their inclusion draws and the non-members.
+`--dp-off-control` adds the DP recipe with sigma 0 and no clipping: a positive control. A DP
+row's bound is evidence only if this control's bound clearly exceeds the claimed epsilon;
+with the default sizes it does not (0.00: 2.5 epochs over 10,000 images memorize nothing).
 DP models use DPScaleModel + DPSGD + Poisson BatchSampler; the sampling rate q and the
 normalizing batch size are fixed before the canaries are drawn, and sigma is calibrated by the
 PLD accountant to the target epsilon at `--delta`. Results: benchmarks/results/audit.{md,json}
@@ -73,6 +77,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dp-batch", type=int, default=250, help="expected Poisson batch")
     parser.add_argument("--dp-lr", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dp-off-control", action="store_true",
+                        help="also audit the DP recipe with DP switched off (sigma 0, no "
+                             "clipping): the positive control that shows whether the DP rows' "
+                             "bounds could have exposed a pipeline that adds no noise")
     parser.add_argument("--quick", action="store_true",
                         help="smaller data, 1 reference, fewer epochs and DP steps")
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
@@ -87,18 +95,24 @@ def parse_args() -> argparse.Namespace:
 class Recipe:
     """Builds and trains one kind of model (non-private or DP at a target epsilon)."""
 
-    def __init__(self, args: argparse.Namespace, epsilon: float | None):
-        self.args, self.epsilon = args, epsilon
+    def __init__(self, args: argparse.Namespace, epsilon: float | None, dp_off: bool = False):
+        """`dp_off`: the DP recipe (sampler, steps, normalizer, lr) with sigma 0 and no
+        clipping, a positive control for the DP rows (`epsilon` must then be None)."""
+        self.args, self.epsilon, self.dp_off = args, epsilon, dp_off
         self.widths = tuple(int(w) for w in args.widths.split(","))
         self.mean, self.std = PIXEL_MEAN_STD[args.dataset]
-        self.name = "non-private" if epsilon is None else f"DP eps={epsilon:g}"
-        self.train_size = args.train if epsilon is None else args.dp_train
-        self.references = args.references if epsilon is None else args.dp_references
+        self.name = ("DP recipe, DP off" if dp_off else
+                     "non-private" if epsilon is None else f"DP eps={epsilon:g}")
+        private_recipe = epsilon is not None or dp_off
+        self.train_size = args.dp_train if private_recipe else args.train
+        self.references = args.dp_references if private_recipe else args.references
         self.calls = 0
-        if epsilon is not None:
+        if private_recipe:
             # Public constants fixed before any canary is drawn: the training set has
             # dp_train + ~canaries/2 images, but q and the normalizer do not depend on it.
             self.q = args.dp_batch / (args.dp_train + args.canaries / 2)
+            self.sigma, self.accounted = 0.0, None     # DP off: no guarantee at all
+        if epsilon is not None:
             self.sigma = dks.accounting.calibrate_noise_multiplier(
                 epsilon, self.q, args.dp_steps, args.delta)
             self.accounted = dks.accounting.epsilon(self.sigma, self.q, args.dp_steps,
@@ -109,7 +123,7 @@ class Recipe:
         self.calls += 1
         keras.utils.set_random_seed(seed)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        if self.epsilon is None:
+        if self.epsilon is None and not self.dp_off:
             model = dks.models.small_cnn(x.shape[1:], NUM_CLASSES, mean=self.mean, std=self.std,
                                          widths=self.widths, model_class=keras.Model)
             model.compile(keras.optimizers.Adam(args.lr), loss, metrics=["accuracy"])
@@ -118,8 +132,11 @@ class Recipe:
         sampler = dks.data.BatchSampler(len(x), self.q * len(x), microbatch_size=400, seed=seed)
         model = dks.models.small_cnn(x.shape[1:], NUM_CLASSES, mean=self.mean, std=self.std,
                                      widths=self.widths)
-        model.compile(dks.DPSGD(args.dp_lr, l2_norm_clip=1.0, noise_multiplier=self.sigma,
-                                rescale_to_unit_norm=True, expected_batch_size=args.dp_batch,
+        # DP off: no clipping (and no unit-norm rescaling, which would divide by the clip).
+        clip = dict(l2_norm_clip=1e9, rescale_to_unit_norm=False) if self.dp_off else dict(
+            l2_norm_clip=1.0, rescale_to_unit_norm=True)
+        model.compile(dks.DPSGD(args.dp_lr, noise_multiplier=self.sigma, **clip,
+                                expected_batch_size=args.dp_batch,
                                 gradient_accumulation_steps=sampler.accumulation_steps,
                                 noise_seed=seed),
                       loss, metrics=["accuracy"])
@@ -177,9 +194,9 @@ def audit_model(recipe: Recipe, data: Data):
     row = {"model": recipe.name, "train_images": recipe.train_size,
            "training_set_size": recipe.train_size + one_run.num_included,
            "reference_models": len(refs),
-           "accounted_epsilon": None if recipe.epsilon is None else recipe.accounted,
-           "noise_multiplier": None if recipe.epsilon is None else recipe.sigma,
-           "sampling_rate": None if recipe.epsilon is None else recipe.q,
+           "accounted_epsilon": getattr(recipe, "accounted", None),
+           "noise_multiplier": getattr(recipe, "sigma", None),
+           "sampling_rate": getattr(recipe, "q", None),
            "test_accuracy": float(model.evaluate(*data.test, batch_size=1000, verbose=0)[1]),
            "canary_loss": one_run.to_dict()}
     mia = {"loss": audit.membership_inference(model, members, data.non_members)}
@@ -254,6 +271,8 @@ def main() -> None:
     started = time.time()
     data = Data(args)
     recipes = [Recipe(args, None)] + [Recipe(args, float(e)) for e in args.epsilons.split(",")]
+    if args.dp_off_control:
+        recipes.append(Recipe(args, None, dp_off=True))
     rows, curves = [], {}
     for recipe in recipes:
         row, mia = audit_model(recipe, data)
