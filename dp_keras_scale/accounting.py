@@ -119,9 +119,11 @@ _NOT_COVERED = (
     "to choose the model or preprocessing.",
     "Hyperparameter tuning: each training run on the private data spends budget; the "
     "statement covers only this run.",
-    "The release of anything computed outside DP-SGD from the private data (e.g. "
-    "non-private evaluation metrics on training data, BatchNorm statistics gathered in "
-    "training mode).",
+    "The release of anything computed outside DP-SGD from the private data, e.g. the "
+    "training-time metrics loss, accuracy, clipped_fraction and nonfinite_examples (computed "
+    "on the private batches without noise), cached backbone features, BatchNorm statistics "
+    "gathered in training mode, or checkpoints (they hold optimizer state: clipped gradient "
+    "sums before noise, the noise key).",
 )
 
 
@@ -797,9 +799,10 @@ class PrivacyStatement:
             )
         lines.append(
             f"  Mechanism: DP-SGD with Gaussian noise. Per-example gradients clipped to L2 "
-            f"norm C = {self.l2_norm_clip:g}; noise of std {self.noise_multiplier:g} x C "
-            "(noise multiplier "
-            f"{self.noise_multiplier:g}) added once per step to their sum."
+            f"norm C = {self.l2_norm_clip:g}; noise of std sigma x C added once per step to "
+            "their sum, with noise multiplier sigma = "
+            + (f"{self.noise_multiplier:g}." if len(self.segments) <= 1 else
+               "that of each segment listed under Steps.")
         )
         if self.sampling == "poisson":
             batch = (f"; expected batch {self.batch_size:g} of {self.dataset_size} examples"
@@ -904,7 +907,8 @@ def privacy_statement(
            if sampling == "poisson" else
            "a fresh uniformly random fixed-size batch at every step")
         + "), not by shuffling into fixed batches, and steps were not added, skipped or "
-        "repeated.",
+        "repeated. Which examples each batch held stays secret: a seed that fixes the "
+        "sampler (training.seed) is kept like the data, never released.",
         "Noise is drawn once per logical step (after accumulating all micro-batches and "
         "replicas), with the noise multiplier of each segment listed, from a key the "
         "adversary does not know (the operating system's RNG; no seed given).",

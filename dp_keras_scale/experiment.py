@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ import keras
 import numpy as np
 
 from dp_keras_scale import accounting, callbacks, data, finetune, models
-from dp_keras_scale.config import check_complete, dumps
+from dp_keras_scale.config import check_complete, dumps, load_config
 from dp_keras_scale.model import DPScaleModel
 from dp_keras_scale.optimizers import DPSGD
 
@@ -432,6 +433,70 @@ def cached_features(model: keras.Model, config: dict, x, y, x_test, y_test, run_
                                       "dim": int(computed[0].shape[1])}
 
 
+#: Keys that may differ when an interrupted run resumes: they cannot change what is trained
+#: or what it spends (where the data lies, compilation, the description).
+RESUME_NEUTRAL_KEYS = (("data", "data_dir"), ("training", "jit_compile"), ("run", "description"))
+#: Files a run writes that describe its model; removed when a directory starts over.
+RUN_OUTPUTS = ("metrics.json", "metrics.csv", "privacy.json", "privacy.txt", "model.keras",
+               "ema_model.keras", "summary.json", "audit.json")
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    return [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+            for section, values in new.items() for key, value in values.items()
+            if (section, key) not in RESUME_NEUTRAL_KEYS
+            and old.get(section, {}).get(key) != value]
+
+
+def check_run_dir(run_dir: str, config: dict) -> str:
+    """Decides what ``train(config, run_dir)`` may do with ``run_dir``; raises otherwise.
+
+    Returns "new" (absent or empty), "resume" (an interrupted run of the same config: its
+    checkpoint is under ``backup/``) or "restart" (a run that stopped before its first
+    checkpoint: its files are removed, so none describes another model). Refused: a directory
+    that is not a run directory, a finished run (its files describe its model), and an
+    interrupted run of another config (the resumed weights and the ledger would mix two
+    settings); only the keys in `RESUME_NEUTRAL_KEYS` may differ on resume.
+
+    Example:
+        >>> check_run_dir("runs/new_dir", load_config("mnist_cpu"))
+        'new'
+    """
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return "new"
+    config_path = os.path.join(run_dir, "config.toml")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{run_dir} is not empty and is not a run directory (no config.toml): "
+                         "choose a new --out directory.")
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        raise ValueError(f"{run_dir} holds a finished run; its files describe its model. Choose "
+                         f"another --out directory, or delete {run_dir} to train it again.")
+    if os.path.isdir(os.path.join(run_dir, "backup")):
+        differences = _config_differences(load_config(config_path), config)
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds an interrupted run with other settings; resuming it would "
+                "continue its weights and privacy ledger under new ones. Differences: "
+                + "; ".join(differences) + ". Resume with the original settings, or choose "
+                "another --out directory (or delete this one) to start over.")
+        return "resume"
+    for name in RUN_OUTPUTS + tuple(f for f in os.listdir(run_dir) if f.endswith(".png")):
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    return "restart"
+
+
+def save_release(model: keras.Model, path: str) -> None:
+    """Saves the model to publish: architecture and weights, without the optimizer (its
+    state holds noiseless clipped gradient sums and the noise key of future steps) and
+    uncompiled. ``load_model`` gives a plain Keras model; compile it to evaluate.
+
+    Example:
+        >>> save_release(model, "runs/fmnist/model.keras")
+    """
+    keras.Model(model.inputs, model.outputs, name=model.name).save(path)
+
+
 def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     """DP-trains ``config`` and fills ``run_dir``; returns the summary (also summary.json).
 
@@ -451,10 +516,15 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     start = time.time()
     ft, t = config["finetune"], config["training"]
     source = finetune.load_source(ft["source"]) if ft["source"] else None   # fail fast
+    check_run_dir(run_dir, config)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.toml"), "w") as f:
         f.write(dumps(config))
     seed = None if t["seed"] == "random" else t["seed"]
+    if config["privacy"]["deterministic_noise"]:
+        print("WARNING: privacy.deterministic_noise = true: the noise is generated from "
+              "training.seed, so this run has NO privacy guarantee (anyone who knows the seed "
+              "can remove the noise). Use it for debugging only.", file=sys.stderr, flush=True)
     x, y, x_test, y_test = _load_data(config)
     if isinstance(x, data.TFDSSource) and ft["mode"] == "classifier_only" and source is not None:
         raise ValueError("finetune.mode = 'classifier_only' caches features of in-memory "
@@ -485,7 +555,7 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
         model.compile(optimizer=trained.optimizer,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"], jit_compile=t["jit_compile"])
-    model.save(os.path.join(run_dir, "model.keras"))
+    save_release(model, os.path.join(run_dir, "model.keras"))
     p = config["privacy"]
     summary = {"name": config["run"]["name"], "dataset": config["data"]["dataset"],
                "train_examples": len(x), "test_examples": len(x_test),
@@ -495,7 +565,7 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     if t["ema_decay"] > 0:
         with callbacks.averaged_weights(trained, "ema"):   # shares the classifier with model
             summary["ema_test_accuracy"] = _accuracy(trained, test_x, y_test)
-            model.save(os.path.join(run_dir, "ema_model.keras"))
+            save_release(model, os.path.join(run_dir, "ema_model.keras"))
     summary["wall_time_s"] = round(time.time() - start, 1)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -548,17 +618,20 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
     model.fit(sampler.dataset(x, y, map_fn=map_fn), epochs=schedule["epochs"],
               steps_per_epoch=schedule["steps_per_epoch"] * sampler.accumulation_steps,
               callbacks=fit_callbacks, verbose=0, shuffle=False)   # progress: RunMetrics
-    statement = accounting.privacy_statement(
-        model.optimizer.noise_multiplier, schedule["sampling_rate"],
-        int(model.optimizer.iterations), p["delta"], p["l2_norm_clip"], dataset_size=n,
-        sampling=p["sampling"], augmult=max(1, t["augmult"]), accountant=p["accountant"])
+    statement = budget.statement(p["l2_norm_clip"], augmult=max(1, t["augmult"]))
     return schedule, statement
 
 
 def _optimizer(config: dict, sampler, seed, noise_multiplier: float) -> DPSGD:
+    """The run's DPSGD. ``training.seed`` never seeds the noise (whoever read it from
+    config.toml could regenerate every draw) unless ``privacy.deterministic_noise`` opts in."""
     t, p = config["training"], config["privacy"]
+    if p["deterministic_noise"] and seed is None:
+        raise ValueError("privacy.deterministic_noise = true needs an integer training.seed to "
+                         "generate the noise from.")
     return DPSGD(learning_rate=t["learning_rate"], momentum=t["momentum"],
                  l2_norm_clip=p["l2_norm_clip"], noise_multiplier=noise_multiplier,
                  rescale_to_unit_norm=p["rescale_to_unit_norm"],
                  gradient_accumulation_steps=sampler.accumulation_steps,
-                 expected_batch_size=sampler.expected_batch_size, noise_seed=seed)
+                 expected_batch_size=sampler.expected_batch_size,
+                 noise_seed=seed if p["deterministic_noise"] else None)

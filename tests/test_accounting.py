@@ -245,7 +245,7 @@ def test_privacy_statement_text_dict_and_save(tmp_path):
     text = str(s)
     for phrase in ["DP-SGD", "Gaussian", "PLD accountant", "RDP: epsilon = 0.9877",
                    "1e-05", "Poisson", "add/remove-one", "Steps: 875", "C = 1",
-                   "noise multiplier 10", "16 augmented copies", "record-level",
+                   "noise multiplier sigma = 10.", "16 augmented copies", "record-level",
                    "User-level", "pre-training", "Hyperparameter tuning",
                    "really sampled as stated"]:
         assert phrase in text, phrase

@@ -148,9 +148,15 @@ def test_classifier_only_run_cache_resume_and_invalidation(backbones, fashion, t
     assert evaluate_in_process(out, capsys, "ema") == pytest.approx(
         summary["ema_test_accuracy"], abs=1e-6)
 
-    # Re-running the same run directory reuses the cached features...
-    mtime = (out / "features_train.npy").stat().st_mtime_ns
+    # A finished run directory is refused: its files describe its model.
     config = cfg.load_config(str(out / "config.toml"))
+    with pytest.raises(ValueError, match="holds a finished run"):
+        experiment.train(config, str(out), verbose=0)
+
+    # A run that stopped before its first checkpoint (here: no summary.json) starts over and
+    # reuses the cached features...
+    mtime = (out / "features_train.npy").stat().st_mtime_ns
+    (out / "summary.json").unlink()
     resumed = experiment.train(config, str(out), verbose=2)
     assert "Reusing the cached features" in capsys.readouterr().out
     assert resumed["features"]["reused"] is True
@@ -160,6 +166,7 @@ def test_classifier_only_run_cache_resume_and_invalidation(backbones, fashion, t
     # ...and recomputes them when the source changes, even at the same path.
     old_key = json.loads((out / "features_key.json").read_text())
     source_path.write_bytes(backbones["other"].read_bytes())
+    (out / "summary.json").unlink()
     rerun = experiment.train(config, str(out), verbose=0)
     assert rerun["features"]["reused"] is False
     new_key = json.loads((out / "features_key.json").read_text())

@@ -320,3 +320,20 @@ def test_finished_and_foreign_directories_are_refused_and_stale_files_removed(tm
     assert experiment.check_run_dir(failed, config) == "restart"
     assert os.listdir(failed) == ["config.toml"]
     assert experiment.check_run_dir(str(tmp_path / "absent"), config) == "new"
+
+
+def test_a_run_directory_states_deterministic_noise_and_releases_no_optimizer(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    config = load_config("mnist_cpu", ["training.steps=2", "data.train_subset=1000",
+                                       "data.test_subset=200", "training.seed=3",
+                                       "privacy.deterministic_noise=true"])
+    experiment.train(config, run, verbose=0)
+    assert "NO privacy guarantee" in capsys.readouterr().err
+    with open(os.path.join(run, "privacy.txt")) as f:
+        assert "no privacy guarantee: deterministic noise" in f.read()
+    with open(os.path.join(run, "privacy.json")) as f:
+        statement = json.load(f)
+    assert statement["deterministic_noise"] and statement["steps"] == 2
+    assert not any("optimizer" in p for p in _h5_paths(os.path.join(run, "model.keras")))
+    with pytest.raises(ValueError, match="holds a finished run"):
+        experiment.train(config, run, verbose=0)
