@@ -165,6 +165,7 @@ class DPScaleModel(keras.Model):
                 "dks.callbacks.PrivacyBudget(delta=..., target_epsilon=..., planned_steps=...) "
                 "in callbacks (it sets sigma from the accountant), or set noise_multiplier.")
         if not isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)) and x is not None:
+            self._check_labels(y)
             warnings.warn(
                 "DPScaleModel.fit on in-memory arrays batches them by shuffling and "
                 "partitioning, which is neither Poisson nor fixed-size sampling: no accountant "
@@ -176,6 +177,26 @@ class DPScaleModel(keras.Model):
                                callbacks=callbacks, **kwargs)
         finally:
             self.optimizer.discard_partial_step()
+
+    def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None,
+                       return_dict=False):
+        """`keras.Model.train_on_batch`, refusing out-of-range class labels before the step
+        (inside a compiled step TensorFlow raises a kernel error, and XLA turns the example
+        into a NaN loss instead)."""
+        self._check_labels(y)
+        return super().train_on_batch(x, y, sample_weight=sample_weight,
+                                      class_weight=class_weight, return_dict=return_dict)
+
+    def _check_labels(self, y) -> None:
+        """Checks in-memory integer labels against the output width of a sparse-categorical
+        loss (other losses may use other label conventions, e.g. -1/1 for hinge losses)."""
+        loss = getattr(self, "loss", None)
+        sparse = (loss in ("sparse_categorical_crossentropy",)
+                  or isinstance(loss, keras.losses.SparseCategoricalCrossentropy))
+        outputs = getattr(self, "outputs", None)
+        if sparse and outputs and y is not None and not isinstance(y, tf.data.Dataset):
+            from dp_keras_scale import data      # the data package loads lazily
+            data.check_labels(y, num_classes=outputs[0].shape[-1])
 
     @property
     def metrics(self):
