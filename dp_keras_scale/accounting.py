@@ -52,6 +52,8 @@ from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 from scipy import optimize
 
+from dp_keras_scale.options import ACCOUNTANTS, SAMPLINGS, check_delta
+
 __all__ = [
     "RDP_ORDERS",
     "RDP_ORDERS_FIXED",
@@ -74,8 +76,8 @@ __all__ = [
 Accountant = Literal["pld", "rdp"]
 Sampling = Literal["poisson", "fixed"]
 
-_ACCOUNTANTS = ("pld", "rdp")
-_SAMPLINGS = ("poisson", "fixed")
+_ACCOUNTANTS = ACCOUNTANTS
+_SAMPLINGS = SAMPLINGS
 
 #: Renyi orders for Poisson sampling: dp_accounting's defaults plus orders near 1 (large
 #: epsilon) and more large orders (small epsilon, e.g. 0.08 is optimal near order 150).
@@ -196,12 +198,7 @@ def _check_dataset_size(dataset_size: Any) -> Optional[int]:
 
 
 def _check_delta(delta: Any, dataset_size: Optional[int]) -> float:
-    delta = _check_real("delta", delta)
-    if not 0 < delta < 1:
-        raise ValueError(
-            f"delta must be in (0, 1), got {delta}. It should be much smaller than "
-            "1 / dataset_size, e.g. 1e-5 for 50,000 examples."
-        )
+    delta = check_delta(delta)
     if dataset_size is not None and delta >= 1.0 / dataset_size:
         warnings.warn(
             f"delta={delta:g} is not smaller than 1/dataset_size = {1.0 / dataset_size:g}. "

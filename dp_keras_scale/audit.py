@@ -70,6 +70,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from scipy import special, stats
 
+from dp_keras_scale.options import check_delta
+
 __all__ = [
     "MIAResult",
     "CanaryAuditResult",
@@ -113,12 +115,6 @@ def _check_confidence(confidence: Any) -> float:
             or not 0 < confidence < 1:
         raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, got {confidence!r}.")
     return float(confidence)
-
-
-def _check_delta(delta: Any) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 <= delta < 1:
-        raise ValueError(f"delta must be a number in [0, 1), got {delta!r}.")
-    return float(delta)
 
 
 def _check_scores(name: str, scores: Any) -> np.ndarray:
@@ -170,7 +166,7 @@ def one_run_p_value(correct: int, guesses: int, num_canaries: int, epsilon: floa
         _check_count("num_canaries", num_canaries)
     if not v <= r <= m:
         raise ValueError(f"need correct <= guesses <= num_canaries, got {v}, {r}, {m}.")
-    delta = _check_delta(delta)
+    delta = check_delta(delta, allow_zero=True)
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon!r}.")
     p = float(special.expit(epsilon))
@@ -230,7 +226,7 @@ def epsilon_lower_bound_clopper_pearson(true_positives: int, positives: int,
         >>> epsilon_lower_bound_clopper_pearson(95, 100, 5, 100)   # TPR 0.95 at FPR 0.05
         2.06...
     """
-    delta = _check_delta(delta)
+    delta = check_delta(delta, allow_zero=True)
     tp, p = _check_count("true_positives", true_positives), _check_count("positives", positives)
     fp, n = _check_count("false_positives", false_positives), \
         _check_count("negatives", negatives)
@@ -584,7 +580,7 @@ def audit_canary_scores(scores: Any, included: Any, delta: float = 0.0,
     if included.shape != scores.shape or included.dtype != bool:
         raise ValueError(f"included must be a boolean array of shape {scores.shape}, got "
                          f"{included.dtype} {included.shape}.")
-    delta, confidence = _check_delta(delta), _check_confidence(confidence)
+    delta, confidence = check_delta(delta, allow_zero=True), _check_confidence(confidence)
     m = len(scores)
     counts = _guess_counts(m, guess_counts)
     per_setting = 1 - (1 - confidence) / len(counts)    # Bonferroni over the settings

@@ -55,9 +55,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dp_keras_scale.data.sources import DATASETS
+from dp_keras_scale.options import ACCOUNTANTS, SAMPLINGS, TFDS_PREFIX
 
 ARCHITECTURES = ("small_cnn", "wide_resnet", "nf_resnet")
-TFDS_PREFIX = "tfds:"     # data.dataset = "tfds:NAME": a random-access TFDS dataset
 # The same tuples as dp_keras_scale.finetune.MODES / CLASSIFIERS (kept here so that reading a
 # config does not import TensorFlow).
 FINETUNE_MODES = ("all_layers", "classifier_only")
@@ -87,8 +87,8 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("data", "dataset"): tuple(DATASETS),
     ("model", "architecture"): ARCHITECTURES,
     ("model", "stem"): ("cifar", "imagenet"),
-    ("privacy", "accountant"): ("pld", "rdp"),
-    ("privacy", "sampling"): ("poisson", "fixed"),
+    ("privacy", "accountant"): ACCOUNTANTS,
+    ("privacy", "sampling"): SAMPLINGS,
     ("finetune", "mode"): FINETUNE_MODES,
     ("finetune", "classifier"): FINETUNE_CLASSIFIERS,
     ("finetune", "pixel_range"): PIXEL_RANGES,

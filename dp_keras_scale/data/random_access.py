@@ -38,11 +38,11 @@ import numpy as np
 import tensorflow as tf
 
 from dp_keras_scale.data.sources import DatasetNotFoundError, load
+from dp_keras_scale.options import TFDS_PREFIX
 
 __all__ = ["RandomAccessFormatError", "TFDSSource", "TFDS_PREFIX", "open_dataset",
            "tfds_source"]
 
-TFDS_PREFIX = "tfds:"
 RESIZE_METHODS = ("bilinear", "bicubic", "area", "lanczos3", "nearest")
 
 # TFDS datasets whose "test" split has no labels: `open_dataset(..., "test")` evaluates on
