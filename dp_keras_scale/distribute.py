@@ -57,9 +57,8 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
-from scipy import stats
 
-from dp_keras_scale.data.sampling import masked_microbatches
+from dp_keras_scale.data.sampling import SamplerCore, masked_microbatches
 
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
@@ -120,7 +119,7 @@ def _tpu_strategy(tpu: str | None) -> tf.distribute.Strategy | None:
     return tf.distribute.TPUStrategy(resolver)
 
 
-class DistributedBatchSampler:
+class DistributedBatchSampler(SamplerCore):
     """Poisson batches for `tf.distribute`: each worker samples its own shard with rate q.
 
     Every logical step includes each of the N examples independently with probability
@@ -128,7 +127,9 @@ class DistributedBatchSampler:
     exact). Each worker pads its sample to a fixed size with a 0/1 mask and cuts it into
     ``accumulation_steps`` micro-batches of ``per_replica_microbatch_size`` rows for each of
     its replicas, so all replicas see the same shapes and all workers take the same number
-    of Keras steps per logical step.
+    of Keras steps per logical step. The sampling law, the padding bound, the overflow check
+    and ``steps_per_epoch`` are those of `dks.data.sampling.SamplerCore`, shared with
+    `dks.data.BatchSampler`.
 
     Args:
         num_examples: dataset size N (every worker holds the same N examples).
@@ -162,14 +163,7 @@ class DistributedBatchSampler:
                  overflow_probability: float = 1e-12, seed: int | None = None,
                  row_multiple: int = 1, num_replicas: int | None = None,
                  num_input_pipelines: int | None = None):
-        if int(num_examples) != num_examples or num_examples < 1:
-            raise ValueError(f"num_examples must be a positive integer, got {num_examples}")
-        if not 0 < expected_batch_size <= num_examples:
-            raise ValueError(f"expected_batch_size must be in (0, num_examples={num_examples}], "
-                             f"got {expected_batch_size}")
-        if not 0 < overflow_probability < 1:
-            raise ValueError(f"overflow_probability must be in (0, 1), got "
-                             f"{overflow_probability}")
+        super().__init__(num_examples, expected_batch_size, "poisson", overflow_probability)
         if strategy is None and num_replicas is None:
             strategy = tf.distribute.get_strategy()
         self.strategy = strategy
@@ -183,38 +177,22 @@ class DistributedBatchSampler:
         if num_input_pipelines > num_examples:
             raise ValueError(f"{num_input_pipelines} workers need at least as many examples, "
                              f"got {num_examples}")
-        self.num_examples = int(num_examples)
-        self.expected_batch_size = float(expected_batch_size)
-        self.sampling_rate = self.expected_batch_size / self.num_examples
         self.num_replicas = int(num_replicas)
         self.num_input_pipelines = int(num_input_pipelines)
         self.local_replicas = self.num_replicas // self.num_input_pipelines
         largest_shard = math.ceil(self.num_examples / self.num_input_pipelines)
         # The per-worker bound makes P(any worker overflows) <= overflow_probability.
-        need = int(stats.binom.isf(overflow_probability / self.num_input_pipelines,
-                                   largest_shard, self.sampling_rate)) + 1
-        need = max(1, min(need, largest_shard))     # a shard never yields more than its size
-        per_replica_need = math.ceil(need / self.local_replicas)
-        cap = per_replica_microbatch_size or per_replica_need
-        if int(cap) != cap or cap < 1:
-            raise ValueError("per_replica_microbatch_size must be a positive integer, got "
-                             f"{per_replica_microbatch_size}")
-        if int(row_multiple) != row_multiple or row_multiple < 1:
-            raise ValueError(f"row_multiple must be a positive integer, got {row_multiple}")
-        self.accumulation_steps = math.ceil(per_replica_need / cap)
-        rows = math.ceil(per_replica_need / self.accumulation_steps)
-        self.per_replica_microbatch_size = math.ceil(rows / row_multiple) * row_multiple
+        need = self.sample_size_bound(largest_shard,
+                                      self.overflow_probability / self.num_input_pipelines)
+        self.accumulation_steps, self.per_replica_microbatch_size = self.plan_microbatches(
+            need, per_replica_microbatch_size, name="per_replica_microbatch_size",
+            parts=self.local_replicas, row_multiple=row_multiple)
         self.worker_padded_size = (self.accumulation_steps * self.local_replicas
                                    * self.per_replica_microbatch_size)
         self.padded_batch_size = self.worker_padded_size * self.num_input_pipelines
         self.global_microbatch_size = self.num_replicas * self.per_replica_microbatch_size
         self.seed = seed
         self._rngs: dict[int, np.random.Generator] = {}
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Keras steps (micro-batches) for one expected pass over the data."""
-        return math.ceil(1 / self.sampling_rate) * self.accumulation_steps
 
     def shard(self, pipeline_id: int) -> np.ndarray:
         """The example indices worker ``pipeline_id`` samples from (disjoint across workers)."""
@@ -234,16 +212,7 @@ class DistributedBatchSampler:
         """One logical step's sample of worker ``pipeline_id``'s shard, in random order,
         padded with -1 to ``worker_padded_size``."""
         shard = self.shard(pipeline_id)
-        rng = self._rng(pipeline_id)
-        chosen = shard[rng.random(len(shard)) < self.sampling_rate]
-        if len(chosen) > self.worker_padded_size:
-            raise RuntimeError(
-                f"A Poisson sample of {len(chosen)} examples exceeded the padded size "
-                f"{self.worker_padded_size}. Dropping examples would break the privacy "
-                "accounting: use a smaller overflow_probability.")
-        out = np.full(self.worker_padded_size, -1, dtype=np.int64)
-        out[:len(chosen)] = rng.permutation(chosen)
-        return out
+        return self.draw(self._rng(pipeline_id), self.worker_padded_size, shard)
 
     def worker_dataset(self, x, y, pipeline_id: int = 0, steps: int | None = None,
                        map_fn: Callable | None = None) -> tf.data.Dataset:

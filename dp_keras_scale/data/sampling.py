@@ -20,10 +20,153 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-SAMPLINGS = ("poisson", "fixed")
+from dp_keras_scale.options import SAMPLINGS
 
 
-class BatchSampler:
+class SamplerCore:
+    """The privacy-critical part of every sampler: the sampling law, its padding and its checks.
+
+    `BatchSampler` (one input pipeline) and `dks.distribute.DistributedBatchSampler` (one per
+    worker) both build on this class, so the rules the accountant relies on live here once:
+
+    1. **Validation**: N is a positive integer, the expected batch size is in (0, N] (an integer
+       for fixed-size sampling), the overflow bound is in (0, 1).
+    2. **The sampling law** (`draw`): Poisson sampling includes every example of the population
+       independently with probability q = expected_batch_size / N, read from
+       ``self.sampling_rate`` at each draw; fixed-size sampling draws exactly q * N examples
+       without replacement.
+    3. **Padding** (`sample_size_bound`): a sample is padded with -1 to a size it exceeds with
+       probability at most the overflow bound, computed exactly from the binomial law
+       (``scipy.stats.binom.isf``) and never above the population.
+    4. **Overflow**: a sample larger than its padded size raises `RuntimeError`; no example is
+       ever dropped (that would break the accounting).
+    5. **Epoch length** (`steps_per_epoch`): ceil(1 / q) logical steps, each
+       ``accumulation_steps`` Keras steps.
+
+    Formal guarantee: `draw` returns, for each logical step, the indices of a Poisson sample of
+    rate q of the population (or a uniformly random q * N subset), in random order, followed by
+    padding; with the sample drawn from an RNG independent of the data, this is the subsampling
+    the accountant's ``sampling_rate`` and ``sampling`` describe.
+
+    Args:
+        num_examples: dataset size N.
+        expected_batch_size: q * N.
+        sampling: "poisson" or "fixed" (see `dp_keras_scale.options.SAMPLINGS`).
+        overflow_probability: bound on the chance that a sample exceeds its padded size.
+
+    Example:
+        >>> core = SamplerCore(60000, 256)
+        >>> core.sampling_rate, core.sample_size_bound(60000, 1e-12) > 256
+        (0.004266666666666667, True)
+    """
+
+    #: Keras steps per logical step; subclasses set it once they have planned micro-batches.
+    accumulation_steps: int = 1
+
+    def __init__(self, num_examples: int, expected_batch_size: float,
+                 sampling: str = "poisson", overflow_probability: float = 1e-12):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if int(num_examples) != num_examples or num_examples < 1:
+            raise ValueError(f"num_examples must be a positive integer, got {num_examples}")
+        if not 0 < expected_batch_size <= num_examples:
+            raise ValueError(f"expected_batch_size must be in (0, num_examples={num_examples}], "
+                             f"got {expected_batch_size}")
+        if sampling == "fixed" and int(expected_batch_size) != expected_batch_size:
+            raise ValueError("fixed-size sampling needs an integer batch size, got "
+                             f"{expected_batch_size}")
+        if not 0 < overflow_probability < 1:
+            raise ValueError(f"overflow_probability must be in (0, 1), got "
+                             f"{overflow_probability}")
+        self.num_examples = int(num_examples)
+        self.expected_batch_size = float(expected_batch_size)
+        self.sampling = sampling
+        self.sampling_rate = self.expected_batch_size / self.num_examples
+        self.overflow_probability = float(overflow_probability)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Keras steps (micro-batches) for one expected pass over the data."""
+        return math.ceil(1 / self.sampling_rate) * self.accumulation_steps
+
+    def sample_size_bound(self, population: int, overflow_probability: float) -> int:
+        """The padded size of one sample drawn from `population` examples.
+
+        Args:
+            population: how many examples the sample is drawn from (N, or a worker's shard).
+            overflow_probability: the most probability a Poisson sample may exceed the bound.
+
+        Returns:
+            The batch size for fixed-size sampling; for Poisson sampling the least size s
+            with P[Binomial(population, q) > s] <= overflow_probability, at least 1 and at most
+            `population` (a sample never holds more).
+        """
+        if self.sampling == "fixed":
+            return int(self.expected_batch_size)
+        need = int(stats.binom.isf(overflow_probability, population, self.sampling_rate)) + 1
+        return max(1, min(need, population))
+
+    @staticmethod
+    def plan_microbatches(need: int, microbatch_size: int | None, *, name: str = "microbatch_size",
+                          parts: int = 1, row_multiple: int = 1) -> tuple[int, int]:
+        """Splits a padded sample of `need` rows into equal micro-batches, padding minimally.
+
+        Args:
+            need: rows one logical step must hold.
+            microbatch_size: the most rows per micro-batch and part (memory bound); None: all.
+            name: the argument's name in the error message.
+            parts: the rows of each micro-batch are split evenly into this many parts
+                (replicas).
+            row_multiple: round the rows per part up to a multiple of this.
+
+        Returns:
+            ``(accumulation_steps, rows)``: micro-batches per logical step and rows per part
+            of each; ``accumulation_steps * parts * rows >= need``.
+        """
+        per_part = math.ceil(need / parts)
+        cap = microbatch_size or per_part
+        if int(cap) != cap or cap < 1:
+            raise ValueError(f"{name} must be a positive integer, got {microbatch_size}")
+        if int(row_multiple) != row_multiple or row_multiple < 1:
+            raise ValueError(f"row_multiple must be a positive integer, got {row_multiple}")
+        accumulation_steps = math.ceil(per_part / cap)
+        rows = math.ceil(per_part / accumulation_steps)
+        return accumulation_steps, math.ceil(rows / row_multiple) * row_multiple
+
+    def draw(self, rng: np.random.Generator, padded_size: int,
+             population: np.ndarray | None = None) -> np.ndarray:
+        """One logical step's sample, in random order, padded with -1 to `padded_size`.
+
+        Args:
+            rng: the random stream (independent of the data).
+            padded_size: the length of the result.
+            population: the example indices to sample from; default all ``num_examples``.
+
+        Returns:
+            An int64 array of `padded_size` indices, -1 for padding.
+
+        Raises:
+            RuntimeError: the sample does not fit into `padded_size` (examples are never
+                dropped).
+        """
+        size = self.num_examples if population is None else len(population)
+        if self.sampling == "poisson":
+            chosen = np.flatnonzero(rng.random(size) < self.sampling_rate)
+        else:
+            chosen = rng.choice(size, int(self.expected_batch_size), replace=False)
+        if population is not None:
+            chosen = population[chosen]
+        if len(chosen) > padded_size:
+            raise RuntimeError(
+                f"A Poisson sample of {len(chosen)} examples exceeded the padded size "
+                f"{padded_size}. Dropping examples would break the privacy accounting: use a "
+                "smaller overflow_probability.")
+        out = np.full(padded_size, -1, dtype=np.int64)
+        out[:len(chosen)] = rng.permutation(chosen)
+        return out
+
+
+class BatchSampler(SamplerCore):
     """Draws a fresh random batch of example indices for every logical step.
 
     Args:
@@ -49,54 +192,17 @@ class BatchSampler:
     def __init__(self, num_examples: int, expected_batch_size: float, sampling: str = "poisson",
                  microbatch_size: int | None = None, overflow_probability: float = 1e-12,
                  seed: int | None = None):
-        if sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        if int(num_examples) != num_examples or num_examples < 1:
-            raise ValueError(f"num_examples must be a positive integer, got {num_examples}")
-        if not 0 < expected_batch_size <= num_examples:
-            raise ValueError(f"expected_batch_size must be in (0, num_examples={num_examples}], "
-                             f"got {expected_batch_size}")
-        if sampling == "fixed" and int(expected_batch_size) != expected_batch_size:
-            raise ValueError("fixed-size sampling needs an integer batch size, got "
-                             f"{expected_batch_size}")
-        self.num_examples = int(num_examples)
-        self.expected_batch_size = float(expected_batch_size)
-        self.sampling = sampling
-        self.sampling_rate = self.expected_batch_size / self.num_examples
-        if sampling == "poisson":
-            need = int(stats.binom.isf(overflow_probability, self.num_examples,
-                                       self.sampling_rate)) + 1
-        else:
-            need = int(expected_batch_size)
-        microbatch_size = microbatch_size or need
-        if int(microbatch_size) != microbatch_size or microbatch_size < 1:
-            raise ValueError(f"microbatch_size must be a positive integer, got {microbatch_size}")
-        self.accumulation_steps = math.ceil(need / microbatch_size)
-        self.microbatch_size = math.ceil(need / self.accumulation_steps)
+        super().__init__(num_examples, expected_batch_size, sampling, overflow_probability)
+        need = self.sample_size_bound(self.num_examples, self.overflow_probability)
+        self.accumulation_steps, self.microbatch_size = self.plan_microbatches(
+            need, microbatch_size)
         self.padded_batch_size = self.accumulation_steps * self.microbatch_size
         self._rng = np.random.default_rng(
             seed if seed is not None else int.from_bytes(os.urandom(16), "little"))
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Keras steps (micro-batches) for one expected pass over the data."""
-        return math.ceil(1 / self.sampling_rate) * self.accumulation_steps
-
     def sample_indices(self) -> np.ndarray:
         """One logical batch: example indices padded with -1 to `padded_batch_size`."""
-        if self.sampling == "poisson":
-            chosen = np.flatnonzero(self._rng.random(self.num_examples) < self.sampling_rate)
-        else:
-            chosen = self._rng.choice(self.num_examples, int(self.expected_batch_size),
-                                      replace=False)
-        if len(chosen) > self.padded_batch_size:
-            raise RuntimeError(
-                f"A Poisson batch of {len(chosen)} examples exceeded the padded size "
-                f"{self.padded_batch_size}. Dropping examples would break the privacy "
-                "accounting: use a smaller overflow_probability.")
-        out = np.full(self.padded_batch_size, -1, dtype=np.int64)
-        out[:len(chosen)] = self._rng.permutation(chosen)
-        return out
+        return self.draw(self._rng, self.padded_batch_size)
 
     def dataset(self, x, y=None, steps: int | None = None,
                 map_fn: Callable | None = None,
