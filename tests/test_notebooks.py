@@ -26,7 +26,7 @@ def test_colab_notebook_installs_from_the_repository_keeping_tensorflow():
     assert pip_calls and all('"-c"' in call.split("check=True")[0]
                              or '"--no-deps"' in call.split("check=True")[0]
                              for call in pip_calls)
-    for name in ("tensorflow", "tensorflow-tpu", "keras"):
+    for name in ("tensorflow", "tensorflow-tpu", "numpy"):
         assert f'"{name}"' in install
     assert "%pip install /content" not in install
 
