@@ -428,8 +428,8 @@ def _load_idx_split(info: DatasetInfo, split: str, root: Path, *, verify: bool
         return None
     if img_path is None or lbl_path is None:
         have, missing = (img_path, "labels") if img_path else (lbl_path, "images")
-        raise _incomplete(have, f"{_IDX_PREFIX[split]}-{missing}-idx"
-                                f"{1 if missing == 'labels' else 3}-ubyte[.gz]", info.name)
+        raise _incomplete(have, f"its {missing} file ({_IDX_PREFIX[split]}-{missing}-idx"
+                                f"{1 if missing == 'labels' else 3}-ubyte[.gz])", info.name)
     images = _read_verified_idx(img_path, info.name, verify)
     labels = _read_verified_idx(lbl_path, info.name, verify)
     if images.ndim != 3:
