@@ -48,8 +48,18 @@ def clipped_gradient_sum(
     x, y, weights: tf.Tensor,
     l2_norm_clip: float,
     rescale_to_unit_norm: bool = False,
+    *,
+    model=None,
+    method: str = "reference",
 ) -> ClippedSum:
     """Sums per-example clipped gradients of `loss_fn` over a micro-batch.
+
+    Two implementations give the same result: the per-example reference (``method=
+    "reference"``, this function's body: every example differentiated on its own under
+    `tf.vectorized_map`) and, when `model` is given, the batched path of
+    `dp_keras_scale.ghost_clipping` (``method="auto"``, ``"ghost"`` or ``"materialize"``: one
+    forward and backward pass of the whole micro-batch, per-layer gradient norms). A model the
+    batched path cannot compute exactly uses the reference, with a one-time warning.
 
     Args:
         loss_fn: `(x_i, y_i) -> (loss, predictions)` for ONE example: `x_i` holds its K copies
@@ -60,12 +70,21 @@ def clipped_gradient_sum(
             clamped into [0, 1] so that no example can weigh more than the clip norm.
         l2_norm_clip: the clip norm C.
         rescale_to_unit_norm: divide clipped gradients by C (their norm is then <= 1).
+        model: the Keras model `loss_fn` runs (needed by the batched path).
+        method: "reference", or "auto" / "ghost" / "materialize" for the batched path.
 
     Example:
         >>> out = clipped_gradient_sum(loss_fn, model.trainable_variables, x, y,
         ...                            tf.ones([batch]), l2_norm_clip=1.0)
     """
     variables = list(variables)
+    if model is not None and method != "reference":
+        from dp_keras_scale import ghost_clipping     # imports this module
+
+        result = ghost_clipping.fast_clipped_gradient_sum(
+            model, variables, x, y, weights, l2_norm_clip, rescale_to_unit_norm, method=method)
+        if result is not None:
+            return result
 
     def per_example(args):
         xi, yi = args

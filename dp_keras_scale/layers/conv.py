@@ -67,6 +67,66 @@ def conv2d(x: tf.Tensor, kernel: tf.Tensor, strides: tuple[int, int] = (1, 1),
     return _conv(x, kernel)
 
 
+def padded_input(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, int],
+                 padding: str) -> tf.Tensor:
+    """`x` padded as a 'SAME' convolution pads it (unchanged for 'VALID')."""
+    if padding.upper() == "VALID":
+        return x
+    kh, kw = kernel_size
+    ph = _same_padding(x.shape[1], kh, strides[0])
+    pw = _same_padding(x.shape[2], kw, strides[1])
+    return tf.pad(x, [[0, 0], ph, pw, [0, 0]])
+
+
+def image_patches(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, int],
+                  padding: str) -> tf.Tensor:
+    """[N, Ho, Wo, kh*kw*C]: the input patch each output position of the convolution sees,
+    flattened in the kernel's (kh, kw, C) order.
+
+    Example:
+        >>> image_patches(tf.zeros([2, 8, 8, 3]), (3, 3), (2, 2), "SAME").shape
+        TensorShape([2, 4, 4, 27])
+    """
+    kh, kw = kernel_size
+    return tf.image.extract_patches(padded_input(x, kernel_size, strides, padding),
+                                    sizes=[1, kh, kw, 1], strides=[1, *strides, 1],
+                                    rates=[1, 1, 1, 1], padding="VALID")
+
+
+def per_example_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int, int],
+                                 strides: tuple[int, int], padding: str, examples) -> tf.Tensor:
+    """[B, kh, kw, C, O]: each example's kernel gradient, its rows (copies) summed.
+
+    `x` [B*K, H, W, C] is the convolution's input and `dy` [B*K, Ho, Wo, O] the gradient of
+    its output; rows i*K .. i*K + K - 1 belong to example i (`examples` = B). One batched
+    einsum per kernel offset, the same flops as the batch's kernel gradient.
+
+    Example:
+        >>> per_example_kernel_gradients(tf.ones([4, 8, 8, 3]), tf.ones([4, 8, 8, 5]),
+        ...                              (3, 3), (1, 1), "SAME", 2).shape
+        TensorShape([2, 3, 3, 3, 5])
+    """
+    kh, kw = kernel_size
+    sh, sw = strides
+    xp = padded_input(x, kernel_size, strides, padding)
+    ho, wo = dy.shape[1], dy.shape[2]
+    xp = tf.reshape(xp, tf.concat([[examples, -1], tf.shape(xp)[1:]], 0))
+    dyb = tf.reshape(dy, tf.concat([[examples, -1], tf.shape(dy)[1:]], 0))
+    dk = tf.stack([
+        tf.einsum("bkhwc,bkhwo->bco",
+                  xp[:, :, a:a + (ho - 1) * sh + 1:sh, b:b + (wo - 1) * sw + 1:sw, :], dyb)
+        for a in range(kh) for b in range(kw)], axis=1)
+    return tf.reshape(dk, [examples, kh, kw, x.shape[-1], dy.shape[-1]])
+
+
+def batched_kernel_gradient(x: tf.Tensor, dy: tf.Tensor, kernel_shape, strides: tuple[int, int],
+                            padding: str) -> tf.Tensor:
+    """The kernel gradient summed over the batch (TensorFlow's native op)."""
+    return tf.raw_ops.Conv2DBackpropFilter(
+        input=x, filter_sizes=tf.constant(list(kernel_shape), tf.int32), out_backprop=dy,
+        strides=[1, *strides, 1], padding=padding.upper())
+
+
 def fast_convolution_op(layer: keras.layers.Conv2D, inputs, kernel):
     """A drop-in `convolution_op` for a Keras `Conv2D` using `conv2d` above."""
     return conv2d(inputs, kernel, tuple(layer.strides), layer.padding)

@@ -1,0 +1,510 @@
+"""Clipped gradient sums from one batched pass: per-layer norms (ghost or materialised).
+
+`clipping.clipped_gradient_sum` differentiates every example separately under
+`tf.vectorized_map`. This module computes the same `ClippedSum` from ONE ordinary forward and
+backward pass of the whole micro-batch (all B x K copies as one batch), in four stages:
+
+1. **Record.** While the model runs, each layer that owns trainable variables records its
+   input ``a`` and its pre-activation output ``z`` (for Dense/Conv2D/WSConv2D the output of
+   the matmul/convolution, before bias and activation).
+2. **Output gradients.** ``G = d(sum_i loss_i) / dz`` in one batched backward pass. Examples
+   never mix (BatchNorm in training mode is refused), so the rows of example i in ``G`` are
+   the gradient of example i's own loss (the mean over its K copies).
+3. **Per-example norms, per layer.** Dense and Conv2D kernels: either the *ghost norm*
+   ``||sum_t a_t g_t^T||^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t')`` over the example's
+   K x T rows (cheap when K x T is small against the layer's width), or the per-example kernel
+   gradients materialised by batched einsums (cheap when K x T is large); the cheaper one by a
+   flop count is used. WSConv2D: the norm of the raw-kernel gradient follows from the
+   standardised-kernel gradient ``h`` by three per-channel dot products (the standardisation's
+   Jacobian is ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
+   s = 1/||u||), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``. Any other
+   layer with trainable variables (GroupNorm, custom layers) gets its per-example gradients by
+   re-running just that layer under `tf.vectorized_map`.
+4. **Sum (book-keeping).** With the clip factors known, the clipped sum of each layer is one
+   contraction of the stored inputs with the re-weighted output gradients (a native batched
+   kernel-gradient op) or of the materialised gradients with the factors; a WSConv2D sum is
+   pushed through the standardisation once.
+
+Formal guarantee: the result equals `clipping.clipped_gradient_sum` (same clipping, weights
+clamped into [0, 1], non-finite examples contributing exactly zero and counted, K copies
+averaged before clipping) up to floating-point rounding, provided examples do not interact in
+the forward pass (checked for BatchNorm by `DPScaleModel`). Whenever the model is outside what
+this module can compute exactly (a trainable variable not owned by a single leaf layer, a layer
+with variables called more than once, regularisation losses), `fast_clipped_gradient_sum`
+returns None and the caller uses the per-example path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as loss_module   # private Keras API, as in DPScaleModel
+
+from dp_keras_scale.clipping import ClippedSum, clip_factors
+from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient, image_patches,
+                                        per_example_kernel_gradients)
+
+METHODS = ("auto", "ghost", "materialize")
+
+
+def _key(variable) -> int:
+    return id(variable)
+
+
+def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def _owns(layer: keras.layers.Layer) -> list:
+    """Trainable variables created by `layer` itself (not by its sub-layers)."""
+    own = getattr(layer, "_trainable_variables", None)
+    return list(own) if own is not None else []
+
+
+def _is_plain_dense(layer) -> bool:
+    return (type(layer) is keras.layers.Dense and "call" not in vars(layer)
+            and not getattr(layer, "lora_enabled", False)
+            and layer.dtype_policy.quantization_mode is None
+            and getattr(layer, "_remat_mode", None) is None)
+
+
+def _is_plain_conv(layer) -> bool:
+    ok = (isinstance(layer, keras.layers.Conv2D) and type(layer).call is keras.layers.Conv2D.call
+          and layer.data_format == "channels_last" and tuple(layer.dilation_rate) == (1, 1)
+          and getattr(layer, "groups", 1) == 1 and not getattr(layer, "lora_enabled", False)
+          and layer.dtype_policy.quantization_mode is None
+          and getattr(layer, "_remat_mode", None) is None)
+    if not ok:
+        return False
+    if isinstance(layer, WSConv2D):
+        return type(layer).standardized_kernel is WSConv2D.standardized_kernel
+    return type(layer).convolution_op is keras.layers.Conv2D.convolution_op
+
+
+@dataclasses.dataclass
+class _Record:
+    layer: keras.layers.Layer
+    kind: str                 # "dense", "conv", "ws", "generic"
+    inputs: object = None     # the layer's (first) input, or the args nest for "generic"
+    kwargs: dict = None
+    output: object = None     # pre-activation output (dense/conv/ws) or the layer output
+    calls: int = 0
+
+
+class _Recorder:
+    """Installs per-layer hooks that record inputs and pre-activation outputs."""
+
+    def __init__(self, layers: list, original_calls: dict):
+        self.records = {id(l): _Record(l, kind) for l, kind in layers}
+        self.original_calls = original_calls
+        self._saved = []
+
+    def _record(self, layer, **fields):
+        rec = self.records[id(layer)]
+        rec.calls += 1
+        for k, v in fields.items():
+            setattr(rec, k, v)
+
+    def _patch(self, layer, name, fn):
+        had = name in vars(layer)
+        self._saved.append((layer, name, had, vars(layer).get(name)))
+        object.__setattr__(layer, name, fn)
+
+    def __enter__(self):
+        for rec in self.records.values():
+            layer = rec.layer
+            if rec.kind == "dense":
+                self._patch(layer, "call", self._dense_call(layer))
+            elif rec.kind in ("conv", "ws"):
+                self._patch(layer, "convolution_op", self._conv_op(layer, rec.kind))
+            else:
+                self._patch(layer, "call", self._generic_call(layer))
+        return self
+
+    def __exit__(self, *exc):
+        for layer, name, had, value in reversed(self._saved):
+            if had:
+                object.__setattr__(layer, name, value)
+            else:
+                object.__delattr__(layer, name)
+        self._saved.clear()
+
+    def _dense_call(self, layer):
+        def call(inputs, training=None):
+            z = tf.matmul(inputs, tf.convert_to_tensor(layer.kernel)) if inputs.shape.rank == 2 \
+                else tf.tensordot(inputs, tf.convert_to_tensor(layer.kernel), axes=1)
+            self._record(layer, inputs=inputs, output=z)
+            if layer.bias is not None:
+                z = z + layer.bias
+            if layer.activation is not None:
+                z = layer.activation(z)
+            return z
+        return call
+
+    def _conv_op(self, layer, kind):
+        def convolution_op(inputs, kernel):
+            if kind == "ws":
+                kernel = layer.standardized_kernel()
+            z = tf.nn.conv2d(inputs, kernel, strides=[1, *layer.strides, 1],
+                             padding=layer.padding.upper())
+            self._record(layer, inputs=inputs, output=z)
+            return z
+        return convolution_op
+
+    def _generic_call(self, layer):
+        original = self.original_calls[id(layer)]
+
+        def call(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self._record(layer, inputs=args, kwargs=kwargs, output=out)
+            return out
+        return call
+
+
+def _plan(model: keras.Model, variables: list):
+    """[(layer, kind)] covering every variable in `variables`, or None if not coverable."""
+    wanted = {_key(v) for v in variables}
+    covered, plan = set(), []
+    for layer in _leaf_layers(model):
+        own = [v for v in _owns(layer) if _key(v) in wanted]
+        if not own:
+            continue
+        sub_vars = [v for sub in layer._flatten_layers(include_self=False, recursive=True)
+                    for v in _owns(sub) if _key(v) in wanted]
+        if sub_vars:
+            return None     # a layer with variables of its own AND sub-layers with variables
+        if _is_plain_dense(layer):
+            kind = "dense"
+        elif _is_plain_conv(layer):
+            kind = "ws" if isinstance(layer, WSConv2D) else "conv"
+        else:
+            kind = "generic"
+        for v in own:
+            if _key(v) in covered:
+                return None
+            covered.add(_key(v))
+        plan.append((layer, kind))
+    if covered != wanted:
+        return None
+    return plan
+
+
+def supports_fast_clipping(model: keras.Model, variables=None) -> bool:
+    """Whether `fast_clipped_gradient_sum` can compute `model`'s clipped sums exactly."""
+    variables = model.trainable_variables if variables is None else variables
+    return _plan(model, list(variables)) is not None
+
+
+# -- per-layer rules ---------------------------------------------------------------------------
+# Each rule returns (squared norms [B], finish(factors, counted) -> {variable key: summed grad}).
+
+
+def _rows(t: tf.Tensor, batch) -> tf.Tensor:
+    """[B*K, ..., C] -> [B, n, C] (n = K x positions, the rows of one example)."""
+    return tf.reshape(t, [batch, -1, t.shape[-1]])
+
+
+def _mask_rows(t: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+    """Zero the leading-axis entries (examples) where `keep` is False."""
+    keep = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
+    return tf.where(keep, t, tf.zeros_like(t))
+
+
+def _rows_per_example(t: tf.Tensor, copies) -> int | None:
+    """K x positions: how many rows of `t` ([B*K, ..., C]) belong to one example, if static."""
+    inner = t.shape[1:-1]
+    if copies is None or not inner.is_fully_defined():
+        return None
+    return copies * int(inner.num_elements())
+
+
+def _scale_rows(t: tf.Tensor, factors, keep: tf.Tensor) -> tf.Tensor:
+    """Rows ([B*K, ...]) of example i times factors[i] (None: times 1), exactly zero where
+    `keep` is False (so NaN rows of dropped examples vanish)."""
+    b = tf.shape(keep)[0]
+    tb = tf.reshape(t, tf.concat([[b, -1], tf.shape(t)[1:]], 0))
+    shape = [-1] + [1] * (tb.shape.rank - 1)
+    if factors is not None:
+        tb = tb * tf.reshape(factors, shape)
+    tb = tf.where(tf.reshape(keep, shape), tb, tf.zeros_like(tb))
+    return tf.reshape(tb, tf.shape(t))
+
+
+def _weighted_sum(per_example: tf.Tensor, factors, keep) -> tf.Tensor:
+    return tf.tensordot(factors, _mask_rows(per_example, keep), axes=1)
+
+
+def _ghost_sq(a: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
+    """||sum_t a_t g_t^T||_F^2 per example, from a [B, n, d] and g [B, n, o]."""
+    return tf.reduce_sum(tf.matmul(a, a, transpose_b=True) * tf.matmul(g, g, transpose_b=True),
+                         axis=[1, 2])
+
+
+def _use_ghost(method: str, rows, d_in: int, d_out: int) -> bool:
+    if method != "auto":
+        return method == "ghost"
+    if rows is None:
+        return False
+    return rows * (d_in + d_out) < d_in * d_out
+
+
+def _bias_rule(layer, G, batch, wanted):
+    bias = getattr(layer, "bias", None)
+    if bias is None or _key(bias) not in wanted:
+        return None, None
+    per_example = tf.reduce_sum(_rows(G, batch), axis=1)                  # [B, o]
+    return tf.reduce_sum(tf.square(per_example), axis=1), (bias, per_example)
+
+
+def _dense_rule(rec: _Record, G, batch, copies, wanted, method):
+    layer = rec.layer
+    a, g = _rows(rec.inputs, batch), _rows(G, batch)
+    n = _rows_per_example(rec.inputs, copies)
+    d_in, d_out = a.shape[-1], g.shape[-1]
+    kernel_key = _key(layer._kernel) if _key(layer._kernel) in wanted else None
+    sq = tf.zeros([batch], G.dtype)
+    ghost = _use_ghost(method, n, d_in, d_out)
+    per_kernel = None
+    if kernel_key is not None:
+        if ghost:
+            sq += _ghost_sq(a, g)
+        else:
+            per_kernel = tf.einsum("bnd,bno->bdo", a, g)
+            sq += tf.reduce_sum(tf.square(per_kernel), axis=[1, 2])
+    bias_sq, bias_part = _bias_rule(layer, G, batch, wanted)
+    if bias_sq is not None:
+        sq += bias_sq
+
+    def finish(factors, keep):
+        out = {}
+        if kernel_key is not None:
+            if per_kernel is not None:
+                out[kernel_key] = _weighted_sum(per_kernel, factors, keep)
+            else:
+                out[kernel_key] = tf.einsum(
+                    "bnd,bno->do", _mask_rows(a, keep), _scale_rows(g, factors, keep))
+        if bias_part is not None:
+            out[_key(bias_part[0])] = _weighted_sum(bias_part[1], factors, keep)
+        return out
+    return sq, finish
+
+
+def _ws_stats(layer):
+    """Per-output-channel pieces of the weight standardisation's Jacobian (see module doc)."""
+    kernel = tf.convert_to_tensor(layer.kernel)
+    kh, kw, cin, cout = kernel.shape
+    fan_in = float(kh * kw * cin)
+    mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
+    pre = var * fan_in
+    s = tf.reshape(tf.math.rsqrt(tf.maximum(pre, layer.epsilon)), [cout])
+    active = tf.reshape(tf.cast(pre >= layer.epsilon, kernel.dtype), [cout])
+    u = tf.reshape(kernel - mean, [-1, cout])                              # [D, o]
+    gain = tf.reshape(tf.convert_to_tensor(layer.gain), [cout])
+    return fan_in, s, active, u, gain
+
+
+def _conv_rule(rec: _Record, G, batch, copies, wanted, method):
+    layer = rec.layer
+    ws = rec.kind == "ws"
+    x = rec.inputs
+    kh, kw = layer.kernel_size
+    strides, padding = tuple(layer.strides), layer.padding.upper()
+    cin, cout = x.shape[-1], G.shape[-1]
+    d_in = kh * kw * cin
+    positions = _rows_per_example(G, copies)
+    kernel_var = layer._kernel
+    gain_var = layer.gain if ws else None
+    want_kernel = _key(kernel_var) in wanted
+    want_gain = ws and _key(gain_var) in wanted
+    sq = tf.zeros([batch], G.dtype)
+    ghost = _use_ghost(method, positions, d_in, cout)
+    per_kernel = None                                                     # [B, D, o]
+    patches = None
+    if want_kernel or want_gain:
+        if ghost:
+            patches = _rows(image_patches(x, (kh, kw), strides, padding), batch)   # [B, n, D]
+            g = _rows(G, batch)
+            q_total = None if ws else _ghost_sq(patches, g)
+        else:
+            per_kernel = tf.reshape(
+                per_example_kernel_gradients(x, G, (kh, kw), strides, padding, batch),
+                [batch, d_in, cout])
+        if ws:
+            fan_in, s, active, u, gain = _ws_stats(layer)
+            if ghost:
+                # per channel: q = ||h_o||^2, m = sum(h_o), p = u_o . h_o, with h = a^T g
+                aa = tf.matmul(patches, patches, transpose_b=True)          # [B, n, n]
+                q = tf.reduce_sum(tf.matmul(aa, g) * g, axis=1)
+                m = tf.einsum("bn,bno->bo", tf.reduce_sum(patches, axis=2), g)
+                p = tf.einsum("bno,bno->bo", tf.matmul(patches, u), g)
+            else:
+                q = tf.reduce_sum(tf.square(per_kernel), axis=1)
+                m = tf.reduce_sum(per_kernel, axis=1)
+                p = tf.einsum("bdo,do->bo", per_kernel, u)
+            if want_kernel:
+                inner = tf.maximum(q - tf.square(m) / fan_in - active * tf.square(s * p), 0.0)
+                sq += tf.reduce_sum(tf.square(gain * s) * inner, axis=1)
+            if want_gain:
+                sq += tf.reduce_sum(tf.square(s * p), axis=1)
+        elif want_kernel:
+            sq += q_total if ghost else tf.reduce_sum(tf.square(per_kernel), axis=[1, 2])
+    bias_sq, bias_part = _bias_rule(layer, G, batch, wanted)
+    if bias_sq is not None:
+        sq += bias_sq
+
+    def finish(factors, keep):
+        out = {}
+        if want_kernel or want_gain:
+            if per_kernel is not None:
+                total = tf.reshape(_weighted_sum(per_kernel, factors, keep), [kh, kw, cin, cout])
+            else:
+                total = batched_kernel_gradient(_scale_rows(x, None, keep),
+                                                _scale_rows(G, factors, keep), (kh, kw, cin, cout),
+                                                strides, padding)
+            if ws:      # through the standardisation once, for the sum
+                sources = [v for v in (kernel_var, gain_var) if _key(v) in wanted]
+                with tf.GradientTape() as tape:
+                    standardized = layer.standardized_kernel()
+                grads = tape.gradient(standardized, sources, output_gradients=total)
+                for v, gr in zip(sources, grads):
+                    out[_key(v)] = tf.zeros(v.shape, total.dtype) if gr is None else gr
+            else:
+                out[_key(kernel_var)] = total
+        if bias_part is not None:
+            out[_key(bias_part[0])] = _weighted_sum(bias_part[1], factors, keep)
+        return out
+    return sq, finish
+
+
+def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
+    """Per-example gradients of one layer's variables, re-running only that layer per example."""
+    layer = rec.layer
+    variables = [v for v in _owns(layer) if _key(v) in wanted]
+    original = original_calls[id(layer)]
+    kwargs = dict(rec.kwargs or {})
+    args = rec.inputs
+    split = lambda t: tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))  # noqa: E731
+    args_b = tf.nest.map_structure(split, args)
+    out_flat = tf.nest.flatten(rec.output)
+    g_flat = [tf.zeros_like(o) if g is None else g for o, g in zip(out_flat, tf.nest.flatten(G))]
+    g_b = [split(g) for g in g_flat]
+
+    def per_example(item):
+        a_i, g_i = item
+        with tf.GradientTape() as tape:
+            out = tf.nest.flatten(original(*a_i, **kwargs))
+        grads = tape.gradient(out, variables, output_gradients=g_i)
+        return [tf.zeros(v.shape, g_i[0].dtype) if gr is None else gr
+                for gr, v in zip(grads, variables)]
+
+    per_var = tf.vectorized_map(per_example, (args_b, g_b))
+    sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(p), [batch, -1]), axis=1)
+                   for p in per_var]) if per_var else tf.zeros([batch])
+
+    def finish(factors, keep):
+        return {_key(v): _weighted_sum(p, factors, keep) for v, p in zip(variables, per_var)}
+    return sq, finish
+
+
+# -- the clipped sum ---------------------------------------------------------------------------
+
+
+def model_example_loss(model: keras.Model) -> Callable:
+    """`(x_i, y_i, predictions_i) -> loss`: one example's mean loss over its copies, from its
+    predictions, computed exactly as `DPScaleModel._example_loss` computes it."""
+    def loss_fn(x_i, y_i, pred_i):
+        loss = model._compute_loss(x=x_i, y=y_i, y_pred=pred_i, training=True)
+        return loss_module.unscale_loss_for_distribution(loss)
+    return loss_fn
+
+
+def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.Tensor,
+                              l2_norm_clip: float, rescale_to_unit_norm: bool = False,
+                              method: str = "auto") -> ClippedSum | None:
+    """`clipping.clipped_gradient_sum` from one batched pass (see the module docstring).
+
+    Args:
+        model: the Keras model; its layers are hooked while it runs.
+        variables: the trainable variables (each must be owned by one leaf layer).
+        x, y: nests with leading axes [B, K, ...], as for `clipped_gradient_sum`.
+        weights: [B] example weights (clamped into [0, 1]).
+        l2_norm_clip, rescale_to_unit_norm: as for `clipped_gradient_sum`.
+        method: "auto" (per layer, the cheaper of ghost norm and materialised per-example
+            kernel gradients by a flop count), "ghost" or "materialize" (force one, for tests).
+
+    Returns:
+        A `ClippedSum`, or None when the model is outside what this path computes exactly
+        (then use `clipped_gradient_sum`).
+
+    Example:
+        >>> out = fast_clipped_gradient_sum(model, model.trainable_variables, x, y,
+        ...                                 tf.ones([batch]), l2_norm_clip=1.0)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    variables = list(variables)
+    plan = _plan(model, variables)
+    if plan is None or not variables:
+        return None
+    wanted = {_key(v) for v in variables}
+    first = tf.nest.flatten(x)[0]
+    batch = tf.shape(first)[0]
+    copies = first.shape[1]
+    merge = lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))   # noqa: E731
+    x_flat = tf.nest.map_structure(merge, x)
+    original_calls = {id(layer): layer.call for layer, kind in plan if kind == "generic"}
+
+    recorder = _Recorder(plan, original_calls)
+    # The tape watches the variables, so it records the whole forward pass and can give the
+    # gradients with respect to the recorded intermediate outputs.
+    with tf.GradientTape() as tape:
+        with recorder:
+            pred_flat = model(x_flat, training=True)
+        records = list(recorder.records.values())
+        if any(rec.calls != 1 for rec in records) or model.losses:
+            return None      # shared layers or regularisation losses: use the reference path
+        outputs = [rec.output for rec in records]
+
+        def split(t):
+            if t.shape[1:].is_fully_defined():
+                return tf.reshape(t, [batch, -1 if copies is None else copies, *t.shape[1:]])
+            return tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))
+        predictions = tf.nest.map_structure(split, pred_flat)
+        loss_fn = model_example_loss(model)
+        losses = tf.vectorized_map(lambda item: loss_fn(*item), (x, y, predictions))
+        total = tf.reduce_sum(losses)
+    grads = tape.gradient(total, outputs)
+
+    parts = []
+    for rec, G in zip(records, grads):
+        if rec.kind == "generic":
+            parts.append(_generic_rule(rec, G, batch, copies, wanted, original_calls))
+            continue
+        if G is None:
+            G = tf.zeros_like(rec.output)
+        rule = _dense_rule if rec.kind == "dense" else _conv_rule
+        parts.append(rule(rec, G, batch, copies, wanted, method))
+
+    weights = tf.clip_by_value(tf.cast(weights, losses.dtype), 0.0, 1.0)
+    squared = tf.add_n([tf.cast(sq, losses.dtype) for sq, _ in parts])
+    norms = tf.sqrt(squared)
+    finite = tf.math.is_finite(norms) & tf.math.is_finite(losses)
+    counted = finite & (weights > 0)
+    factors = tf.where(counted, clip_factors(norms, l2_norm_clip, rescale_to_unit_norm) * weights,
+                       tf.zeros_like(norms))
+    sums = {}
+    for _, finish in parts:
+        sums.update(finish(factors, counted))
+    gradients = [tf.cast(sums[_key(v)], v.dtype) for v in variables]
+    in_mask = weights > 0
+    return ClippedSum(
+        gradients=gradients,
+        losses=tf.where(counted, losses, tf.zeros_like(losses)),
+        predictions=predictions,
+        valid=tf.cast(counted, losses.dtype),
+        nonfinite=tf.reduce_sum(tf.cast(in_mask & ~finite, losses.dtype)),
+        clipped=tf.reduce_sum(tf.cast(counted & (norms > l2_norm_clip), losses.dtype)),
+    )

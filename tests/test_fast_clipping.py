@@ -1,0 +1,239 @@
+"""The batched clipping path (dp_keras_scale.ghost_clipping) equals the per-example reference.
+
+Every comparison is of the noise-free clipped sum (and the other `ClippedSum` fields) from
+`fast_clipped_gradient_sum` against `clipped_gradient_sum(method="reference")`, at 1e-5 of the
+largest entry of each variable's gradient, for every rule choice ("ghost", "materialize",
+"auto") and every layer kind the bundled models use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import compile_dp, reference_clipped_sum, small_convnet
+
+import dp_keras_scale as dks
+from dp_keras_scale.clipping import clipped_gradient_sum
+from dp_keras_scale.ghost_clipping import fast_clipped_gradient_sum, supports_fast_clipping
+from dp_keras_scale.model import fast_convolutions
+from dp_keras_scale.models.nf_resnet import SkipInitResidual
+
+RTOL = 1e-5
+METHODS = ["ghost", "materialize", "auto"]
+
+
+class Scale(keras.layers.Layer):
+    """A layer without a fast rule: per-channel learnable scale (gets the generic rule)."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],),
+                                     initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+
+def zoo(seed: int = 0, extra_conv: bool = True) -> keras.Model:
+    """Every layer kind: strided / 1x1 / SAME / VALID convs with and without bias, WS convs
+    with gain and bias, GroupNorm scale and offset, Dense on 2-D and 3-D inputs, a custom layer
+    and a SkipInit residual (generic rule), a dilated conv (generic rule)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((9, 9, 3))
+    h = keras.layers.Conv2D(5, 3, strides=2, padding="same", use_bias=False)(inputs)   # 5x5
+    h = keras.layers.GroupNormalization(groups=1)(h)
+    h = keras.layers.ReLU()(h)
+    s = keras.layers.Conv2D(6, 1, strides=2, padding="valid", use_bias=True)(h)        # 3x3
+    h = dks.layers.WSConv2D(6, 3, strides=2, padding="same", use_bias=True)(h)         # 3x3
+    h = keras.layers.GroupNormalization(groups=2)(h)
+    h = SkipInitResidual(alpha=0.5)([s, h])
+    h = dks.layers.WSConv2D(4, 1, padding="valid")(h)
+    h = Scale()(h)
+    if extra_conv:
+        h = keras.layers.Conv2D(4, 2, dilation_rate=2, padding="same", activation="relu")(h)
+    h = dks.layers.WSConv2D(4, 2, padding="valid", use_bias=True)(h)                    # 2x2
+    h = keras.layers.Reshape((4, 4))(h)
+    h = keras.layers.Dense(5, activation="tanh")(h)                                     # 3-D
+    h = keras.layers.Flatten()(h)
+    outputs = keras.layers.Dense(3)(h)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:       # no zero gains: every path carries gradient
+        v.assign(v.numpy() + 0.3 * rng.normal(size=v.shape).astype(np.float32))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def data(batch: int, copies: int, shape=(9, 9, 3), classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, copies, *shape)).astype(np.float32)
+    y = np.repeat(rng.integers(0, classes, size=batch)[:, None], copies, 1)
+    return tf.constant(x), tf.constant(y)
+
+
+def both(model, x, y, weights, clip, method, rescale=False, jit=False):
+    """(fast ClippedSum, reference ClippedSum) inside one tf.function."""
+    weights = tf.constant(weights, tf.float32)
+
+    def loss_fn(xi, yi):
+        pred = model(xi, training=True)
+        return model._compute_loss(x=xi, y=yi, y_pred=pred, training=True), pred
+
+    @tf.function(jit_compile=jit)
+    def run():
+        fast = fast_clipped_gradient_sum(model, model.trainable_variables, x, y, weights, clip,
+                                         rescale, method=method)
+        assert fast is not None, "the model should be covered by the fast path"
+        with fast_convolutions(model):
+            ref = clipped_gradient_sum(loss_fn, model.trainable_variables, x, y, weights, clip,
+                                       rescale, method="reference")
+        return ({f.name: getattr(fast, f.name) for f in dataclasses.fields(fast)},
+                {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)})
+
+    fast, ref = run()
+    return types.SimpleNamespace(**fast), types.SimpleNamespace(**ref)
+
+
+def assert_same(fast, ref, model):
+    for v, a, e in zip(model.trainable_variables, fast.gradients, ref.gradients):
+        a, e = a.numpy(), e.numpy()
+        scale = np.max(np.abs(e)) + 1e-30
+        np.testing.assert_allclose(a, e, atol=RTOL * scale, rtol=0, err_msg=v.path)
+    for field in ("losses", "valid", "nonfinite", "clipped"):
+        np.testing.assert_allclose(getattr(fast, field).numpy(), getattr(ref, field).numpy(),
+                                   rtol=1e-6, atol=1e-6, err_msg=field)
+    np.testing.assert_allclose(np.nan_to_num(fast.predictions.numpy()),
+                               np.nan_to_num(ref.predictions.numpy()), rtol=1e-5, atol=1e-5)
+
+
+def median_norm(model, x, y):
+    """A clip norm that some examples exceed and some do not."""
+    norms = []
+    for i in range(x.shape[0]):
+        with tf.GradientTape() as tape:
+            pred = model(x[i], training=True)
+            loss = model._compute_loss(x=x[i], y=y[i], y_pred=pred, training=True)
+        grads = tape.gradient(loss, model.trainable_variables)
+        norms.append(np.sqrt(sum(np.sum(g.numpy() ** 2) for g in grads if g is not None)))
+    return float(np.median(norms))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("copies", [1, 3])
+def test_every_layer_kind_matches_the_reference(method, copies):
+    model = zoo()
+    x, y = data(5, copies)
+    assert supports_fast_clipping(model)
+    clip = median_norm(model, x, y)
+    weights = [1.0, 0.5, 0.0, 1.0, 1.0]
+    fast, ref = both(model, x, y, weights, clip, method)
+    assert 0 < ref.clipped.numpy() < 4          # some clipped, some not
+    assert_same(fast, ref, model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rescale_to_unit_norm_weights_clamped_and_nan_example(method):
+    model = zoo(seed=1, extra_conv=False)
+    x, y = data(6, 2, seed=1)
+    x = x.numpy()
+    x[4, 1, 2, 3, 0] = np.nan                    # one copy of example 4 is NaN
+    x = tf.constant(x)
+    weights = [1.0, 2.0, -1.0, 0.25, 1.0, 0.0]   # clamped into [0, 1]
+    fast, ref = both(model, x, y, weights, 0.5, method, rescale=True)
+    assert ref.nonfinite.numpy() == 1 and fast.nonfinite.numpy() == 1
+    assert all(np.all(np.isfinite(g.numpy())) for g in fast.gradients)
+    assert_same(fast, ref, model)
+
+
+@pytest.mark.parametrize("ws", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_small_convnet_against_the_per_example_loop(batch, ws, method):
+    x, y = batch
+    model = compile_dp(small_convnet(model_class=keras.Model, ws=ws))
+    y_copies = np.repeat(y[:, None], 2, 1)
+    fast = both(model, tf.constant(x), tf.constant(y_copies), np.ones(6), 0.05, method)[0]
+    expected = reference_clipped_sum(model, x, y_copies, np.ones(6), clip=0.05)
+    for a, e in zip(fast.gradients, expected):
+        np.testing.assert_allclose(a.numpy(), e, atol=RTOL * np.max(np.abs(e)), rtol=0)
+
+
+def _randomize(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for v in model.trainable_variables:
+        v.assign(v.numpy() + 0.1 * rng.normal(size=v.shape).astype(np.float32))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.mark.parametrize("name", ["wrn_ws", "wrn_plain", "small_cnn", "nf_resnet"])
+def test_bundled_models_match_the_reference(name):
+    keras.utils.set_random_seed(0)
+    if name.startswith("wrn"):
+        model = dks.models.wide_resnet(10, 1, num_classes=4, input_shape=(8, 8, 3), groups=4,
+                                       weight_standardization=name == "wrn_ws",
+                                       model_class=keras.Model)
+        shape = (8, 8, 3)
+    elif name == "small_cnn":
+        model = dks.models.small_cnn((12, 12, 1), 4, widths=(4, 8), groups=2,
+                                     model_class=keras.Model)
+        shape = (12, 12, 1)
+    else:
+        model = dks.models.nf_resnet(26, 4, width=0.0625, input_shape=(16, 16, 3),
+                                     stem="cifar", model_class=keras.Model)
+        shape = (16, 16, 3)
+    model = _randomize(model)
+    assert supports_fast_clipping(model)
+    x, y = data(4, 2, shape=shape, classes=4)
+    if name == "small_cnn":
+        x = tf.abs(x) * 100.0
+    clip = median_norm(model, x, y)
+    fast, ref = both(model, x, y, [1.0, 1.0, 0.5, 1.0], clip, "auto")
+    assert_same(fast, ref, model)
+
+
+def test_under_xla():
+    model = zoo(seed=2, extra_conv=False)
+    x, y = data(4, 2, seed=2)
+    fast, ref = both(model, x, y, [1.0, 1.0, 1.0, 0.0], 0.3, "auto", jit=True)
+    assert_same(fast, ref, model)
+
+
+def test_frozen_layers_are_skipped():
+    model = zoo(seed=3)
+    for layer in model.layers[:4]:
+        layer.trainable = False
+    x, y = data(4, 2, seed=3)
+    fast, ref = both(model, x, y, np.ones(4), 0.3, "auto")
+    assert_same(fast, ref, model)
+
+
+def test_shared_layers_and_regularizers_fall_back_to_the_reference():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, activation="tanh")
+    outputs = keras.layers.Dense(3)(shared(shared(inputs)))
+    model = keras.Model(inputs, outputs)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = tf.random.normal([5, 2, 4])
+    y = tf.zeros([5, 2], tf.int32)
+    assert fast_clipped_gradient_sum(model, model.trainable_variables, x, y, tf.ones([5]),
+                                     1.0) is None
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3, kernel_regularizer="l2")(inputs)
+    model = keras.Model(inputs, outputs)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert fast_clipped_gradient_sum(model, model.trainable_variables, x, y, tf.ones([5]),
+                                     1.0) is None
+
+
+def test_unknown_method_is_refused():
+    model = zoo()
+    x, y = data(2, 1)
+    with pytest.raises(ValueError, match="method"):
+        fast_clipped_gradient_sum(model, model.trainable_variables, x, y, tf.ones([2]), 1.0,
+                                  method="fastest")
