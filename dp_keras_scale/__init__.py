@@ -15,11 +15,12 @@ from dp_keras_scale import _lazy
 
 __version__ = "0.1.0"
 
-__all__ = ["DPScaleModel", "DPSGD", "make_private", "accounting", "audit", "callbacks", "data",
-           "distribute", "finetune", "layers", "models"]
+__all__ = ["DPScaleModel", "DPOptimizer", "DPSGD", "make_private", "accounting", "audit",
+           "callbacks", "data", "distribute", "finetune", "layers", "ledger", "models"]
 
 __getattr__, __dir__ = _lazy.package_attributes(__name__, {
-    "DPScaleModel": "model", "make_private": "model", "DPSGD": "optimizers"})
+    "DPScaleModel": "model", "make_private": "model", "DPOptimizer": "optimizers",
+    "DPSGD": "optimizers"})
 
 if not _lazy.started_as_command():
     _lazy.load_all(__name__, __all__)

@@ -257,9 +257,10 @@ def _check_common(
             raise ValueError(
                 "The PLD accountant of dp_accounting "
                 f"{_dp_accounting_version()} does not support fixed-size batches sampled "
-                "without replacement (SampledWithoutReplacementDpEvent). Use "
-                "accountant='rdp' for sampling='fixed', or switch to Poisson sampling, "
-                "which both accountants support."
+                "without replacement (SampledWithoutReplacementDpEvent). Use the \"rdp\" "
+                "accountant for \"fixed\" sampling (accountant=\"rdp\"; in a config, "
+                "privacy.accountant = \"rdp\"), or Poisson sampling, which both accountants "
+                "support."
             )
     return sigma, q, delta, accountant, sampling, n
 

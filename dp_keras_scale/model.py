@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import warnings
 
 import keras
@@ -15,7 +16,7 @@ from dp_keras_scale.averaging import WeightAveraging
 from dp_keras_scale.clipping import clipped_gradient_sum
 from dp_keras_scale.distribute import num_workers
 from dp_keras_scale.layers.conv import WSConv2D, fast_convolution_op, supports_fast_convolution
-from dp_keras_scale.optimizers import DPSGD
+from dp_keras_scale.optimizers import DPOptimizer, is_first_replica
 
 _CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
@@ -80,7 +81,8 @@ def warn_slow_layers(model: keras.Model) -> None:
 
 @keras.saving.register_keras_serializable(package="dp_keras_scale")
 class DPScaleModel(keras.Model):
-    """A Keras model trained with DP-SGD by `fit` (compile it with `dks.DPSGD`).
+    """A Keras model trained with DP-SGD by `fit` (compile it with `dks.DPSGD` or any
+    optimizer wrapped in `dks.DPOptimizer`).
 
     Batches are ``(x, y)`` or ``(x, y, mask)``: ``x`` is ``[B, H, W, C]`` or ``[B, K, H, W, C]``
     (K augmentation copies of each example), ``y`` is ``[B]`` (shared by the copies) or
@@ -90,8 +92,8 @@ class DPScaleModel(keras.Model):
 
     Under a `tf.distribute` strategy (build and compile the model inside
     ``strategy.scope()``), each replica clips its own rows, the clipped sums are all-reduced
-    with the noise added once (see `DPSGD.apply_private`), and logged metrics cover the global
-    batch. With several workers, feed `dks.distribute.DistributedBatchSampler` batches.
+    with the noise added once (see `DPOptimizer.apply_private`), and logged metrics cover the
+    global batch. With several workers, feed `dks.distribute.DistributedBatchSampler` batches.
 
     Example:
         >>> model = DPScaleModel(inputs, outputs)
@@ -107,14 +109,15 @@ class DPScaleModel(keras.Model):
         self.clipped_tracker = keras.metrics.Mean(name="clipped_fraction")
 
     def compile(self, optimizer="rmsprop", *args, **kwargs):
-        if not isinstance(optimizer, DPSGD):
+        if not isinstance(optimizer, DPOptimizer):
             raise TypeError(
-                f"DPScaleModel trains with differential privacy and needs a dks.DPSGD optimizer, "
-                f"got {optimizer!r}. For non-private training use a plain keras.Model.")
+                "DPScaleModel trains with differential privacy and needs a dks.DPSGD optimizer "
+                f"or one wrapped in dks.DPOptimizer(...), got {optimizer!r}. For non-private "
+                "training use a plain keras.Model.")
         check_per_example_layers(self)
         previous = getattr(self, "optimizer", None)
         super().compile(optimizer, *args, **kwargs)
-        if isinstance(previous, DPSGD) and previous is not optimizer:
+        if isinstance(previous, DPOptimizer) and previous is not optimizer:
             # The weights carry what the earlier steps learned: their privacy cost stays.
             optimizer.carry_over(previous)
 
@@ -171,12 +174,17 @@ class DPScaleModel(keras.Model):
                 "partitioning, which is neither Poisson nor fixed-size sampling: no accountant "
                 "here describes it. For a guarantee that matches dks.accounting, feed "
                 "dks.data.BatchSampler(...).dataset(x, y).", stacklevel=2)
+        if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+            kwargs.setdefault("shuffle", False)     # a sampler's batches are already random
         self.optimizer.discard_partial_step()
         try:
             return super().fit(x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
                                callbacks=callbacks, **kwargs)
         finally:
             self.optimizer.discard_partial_step()
+            # Keras's epoch iterator sits in a reference cycle: collect it now, so its tf.data
+            # generator is finalized here rather than noisily at interpreter exit.
+            gc.collect()
 
     def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None,
                        return_dict=False):
@@ -290,7 +298,9 @@ class DPScaleModel(keras.Model):
         with fast_convolutions(self):
             result = clipped_gradient_sum(
                 self._example_loss, self.trainable_variables, x, y, weights,
-                self.optimizer.l2_norm_clip, self.optimizer.rescale_to_unit_norm)
+                self.optimizer.l2_norm_clip, self.optimizer.rescale_to_unit_norm,
+                # "auto": batched per-layer norms (dks.ghost_clipping); "reference": per example
+                model=self, method=getattr(self, "clipping_method", "auto"))
         logical_batch = None
         if self.optimizer.expected_batch_size is None:    # fixed-size batches: rows are public
             logical_batch = _global_rows(batch) * self.optimizer.dp_accumulation_steps
@@ -357,7 +367,7 @@ def _metrics_across_replicas(metrics: list, logs: dict) -> dict:
     for op, indices in by_op.items():
         values = [local[i] for i in indices]
         if op == "first":
-            keep = tf.cast(_is_first_replica(context), values[0].dtype)
+            keep = tf.cast(is_first_replica(context), values[0].dtype)
             values = [keep * value for value in values]
         out = context.all_reduce(_REDUCTIONS.get(op, tf.distribute.ReduceOp.SUM), values)
         for i, value in zip(indices, out):
@@ -378,10 +388,6 @@ def _metrics_across_replicas(metrics: list, logs: dict) -> dict:
         # that reduction return them unchanged.
         logs = {name: tf.expand_dims(value, 0) for name, value in logs.items()}
     return logs
-
-
-def _is_first_replica(context) -> tf.Tensor:
-    return tf.equal(context.replica_id_in_sync_group, 0)
 
 
 def _check_distributed_input(strategy: tf.distribute.Strategy, x) -> None:

@@ -1,4 +1,10 @@
-"""DPSGD: SGD that privatizes summed clipped gradients (noise once per logical step)."""
+"""DP optimizers: any Keras optimizer made private (noise once per logical step), and DPSGD.
+
+`DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=..., noise_multiplier=...)` wraps any
+Keras optimizer; `DPSGD(...)` is the paper's SGD (with momentum) in the same form. The DP
+stages (accumulate, add noise once, all-reduce, normalize) run here; the wrapped optimizer's
+own update then sees only the noisy average.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +22,13 @@ from dp_keras_scale.ledger import PrivacyLedger, Segment
 _LEDGER_KEY = "privacy_ledger"   # the ledger's entry among the optimizer's saved variables
 
 
-def _is_first_replica(context: tf.distribute.ReplicaContext):
-    """True (Python or tensor) on replica 0 of the sync group."""
+def is_first_replica(context: tf.distribute.ReplicaContext):
+    """True (a Python bool when static, else a boolean tensor) on replica 0 of the sync group.
+
+    Example:
+        >>> is_first_replica(tf.distribute.get_replica_context())
+        True
+    """
     replica_id = context.replica_id_in_sync_group
     static = tf.get_static_value(replica_id)
     return bool(static == 0) if static is not None else tf.equal(replica_id, 0)
@@ -41,18 +52,37 @@ def _random_seed() -> np.ndarray:
     return np.frombuffer(os.urandom(16), dtype=np.int64) & np.int64(2**63 - 1)
 
 
-@keras.saving.register_keras_serializable(package="dp_keras_scale")
-class DPSGD(keras.optimizers.SGD):
-    """DP-SGD (De et al. 2022): noisy average of clipped per-example gradients, then SGD.
+_NOT_UNDER_DP = ("loss_scale_factor", "clipnorm", "clipvalue", "global_clipnorm")
 
-    Each logical step (``gradient_accumulation_steps`` micro-batches) it sums the clipped
-    per-example gradients that `DPScaleModel` hands it, adds Gaussian noise of std
-    ``noise_multiplier * l2_norm_clip`` (``noise_multiplier`` with ``rescale_to_unit_norm``)
-    ONCE, divides by the expected logical batch size and takes an SGD step (momentum, weight
-    decay and averaging are post-processing of that noisy gradient). ``iterations`` counts
-    logical (noisy) steps; the noise seed, accumulators and weight averages (EMA / Polyak,
-    declared by `dks.callbacks.EMA` / `Polyak`) are optimizer variables, so they are saved and
-    restored with checkpoints.
+
+class DPOptimizer(keras.optimizers.Optimizer):
+    """Any Keras optimizer under differential privacy (DP-SGD's aggregation, then its update).
+
+    Formal guarantee: with the clipped per-example gradients that `DPScaleModel` hands it
+    (each of norm <= C), every logical step releases ``(sum of clipped gradients + N(0,
+    (sigma C)^2 I)) / B`` with ONE noise draw, whatever the number of micro-batches and
+    replicas; the wrapped optimizer's update (momentum, Adam moments, weight decay) and the
+    weight averages are post-processing of that release.
+
+    Stages of a logical step, each a small method:
+      1. accumulate: micro-batch sums of clipped gradients are added up (`_update`);
+      2. noise: on the micro-batch that completes the step, replica 0 adds N(0, (sigma C)^2)
+         once (`_add_noise`), from a counter-based key (OS RNG unless ``noise_seed``);
+      3. all-reduce: under `tf.distribute`, the noisy local sums are summed once;
+      4. normalize: divide by the expected logical batch size B (a public constant);
+      5. update: the wrapped optimizer's update with that noisy average (`_noisy_step`),
+         then the weight averages (EMA / Polyak).
+
+    Create it from an optimizer (its configuration is taken, not its state):
+
+        >>> opt = DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0,
+        ...                   noise_multiplier=1.1, expected_batch_size=256)
+        >>> model.compile(optimizer=opt, loss=...)
+
+    The result is an instance of ``DP<Name>`` (e.g. ``DPAdam``), a subclass of both
+    `DPOptimizer` and the wrapped class, saved and loaded like any Keras optimizer (classes of
+    ``keras.optimizers`` are registered on import; for your own optimizer class, call
+    `dp_optimizer_class` on it before ``keras.models.load_model``).
 
     Restoring a checkpoint (``load_weights``, ``load_model``, ``BackupAndRestore``) draws a
     fresh noise key from the operating system's RNG, so a resumed run never repeats a noise
@@ -74,7 +104,7 @@ class DPSGD(keras.optimizers.SGD):
     It refuses raw gradients: use it through `DPScaleModel` / `make_private`.
 
     Args:
-        learning_rate, momentum, nesterov, weight_decay: as `keras.optimizers.SGD`.
+        optimizer: the Keras optimizer to privatize (its ``get_config()`` is used).
         l2_norm_clip: clip norm C of each example's gradient (averaged over its copies).
         noise_multiplier: sigma; the noise std is sigma * C. ``None`` lets
             ``dks.callbacks.PrivacyBudget(target_epsilon=..., planned_steps=...)`` calibrate
@@ -92,24 +122,41 @@ class DPSGD(keras.optimizers.SGD):
             re-keys from the OS RNG.
         weight_averages: configs of the averages to keep (set by `DPScaleModel.fit` from
             `dks.callbacks.EMA` / `Polyak` callbacks, and saved in the optimizer's config).
-
-    Example:
-        >>> opt = DPSGD(learning_rate=2.0, l2_norm_clip=1.0, noise_multiplier=3.0,
-        ...             rescale_to_unit_norm=True)
-        >>> model.compile(optimizer=opt, loss=..., metrics=["accuracy"])
     """
 
-    def __init__(self, learning_rate=0.01, momentum: float = 0.0, nesterov: bool = False,
-                 l2_norm_clip: float = 1.0, noise_multiplier: float | None = None,
+    def __new__(cls, *args, **kwargs):
+        if cls is not DPOptimizer:
+            return super().__new__(cls)
+        if not args or not isinstance(args[0], keras.optimizers.Optimizer):
+            raise TypeError("DPOptimizer(optimizer, l2_norm_clip=..., noise_multiplier=..., ...) "
+                            "takes the Keras optimizer to privatize as its first argument, e.g. "
+                            "DPOptimizer(keras.optimizers.Adam(1e-3), ...).")
+        inner, *rest = args
+        if isinstance(inner, DPOptimizer):
+            raise TypeError(f"{type(inner).__name__} is already differentially private: "
+                            "compile with it directly.")
+        if rest:
+            raise TypeError("DPOptimizer takes one Keras optimizer, then keyword arguments for "
+                            f"the DP settings; got {len(args)} positional arguments.")
+        config = inner.get_config()
+        if config.pop("gradient_accumulation_steps", None) is not None:
+            raise ValueError("Set gradient_accumulation_steps on DPOptimizer (micro-batches per "
+                             "noisy logical step), not on the optimizer it wraps.")
+        # Python calls __init__ again on the returned instance with these arguments: the
+        # instance is complete by then and ignores that call (see __init__).
+        return dp_optimizer_class(type(inner))(**config, **kwargs)
+
+    def __init__(self, *args, l2_norm_clip: float = 1.0, noise_multiplier: float | None = None,
                  rescale_to_unit_norm: bool = False, gradient_accumulation_steps: int = 1,
                  expected_batch_size: float | None = None, noise_seed: int | None = None,
-                 weight_averages: list[dict] | None = None, name: str = "DPSGD", **kwargs):
-        for option in ("loss_scale_factor", "clipnorm", "clipvalue", "global_clipnorm"):
+                 weight_averages: list[dict] | None = None, **kwargs):
+        if getattr(self, "_dp_initialized", False):   # the second call of DPOptimizer(opt, ...)
+            return
+        for option in _NOT_UNDER_DP:
             if kwargs.get(option) is not None:
-                raise ValueError(f"DPSGD does not take `{option}`: per-example clipping is set "
-                                 "by `l2_norm_clip`.")
-        super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
-                         name=name, **kwargs)
+                raise ValueError(f"{type(self).__name__} does not take `{option}`: per-example "
+                                 "clipping is set by `l2_norm_clip`.")
+        super().__init__(*args, **kwargs)
         if not l2_norm_clip > 0:
             raise ValueError(f"l2_norm_clip must be > 0, got {l2_norm_clip}")
         if int(gradient_accumulation_steps) != gradient_accumulation_steps or \
@@ -131,6 +178,7 @@ class DPSGD(keras.optimizers.SGD):
                            deterministic_noise=noise_seed is not None)
         self._average_specs = [AverageSpec(**spec) for spec in weight_averages or []]
         self._averages: dict[str, tuple[list, keras.Variable]] = {}
+        self._dp_initialized = True
 
     @property
     def noise_multiplier(self) -> float | None:
@@ -163,7 +211,7 @@ class DPSGD(keras.optimizers.SGD):
         """Records the sampling rate q of the steps from now on (`PrivacyBudget` calls it)."""
         self.ledger.update(self._steps_now(), sampling_rate=float(sampling_rate))
 
-    def carry_over(self, previous: "DPSGD") -> None:
+    def carry_over(self, previous: "DPOptimizer") -> None:
         """Takes over the spent history of the optimizer this one replaces (a recompile)."""
         self.ledger.restore(previous.spent() + self.spent(), self._steps_now())
 
@@ -185,7 +233,7 @@ class DPSGD(keras.optimizers.SGD):
         """Std of the Gaussian noise added to the summed clipped gradients."""
         if self.noise_multiplier is None:
             raise ValueError(
-                "DPSGD(noise_multiplier=None) has not been calibrated: train with "
+                f"{type(self).__name__}(noise_multiplier=None) has not been calibrated: train with "
                 "dks.callbacks.PrivacyBudget(target_epsilon=..., planned_steps=..., delta=...) "
                 "in the callbacks, or pass noise_multiplier (see "
                 "dks.accounting.calibrate_noise_multiplier).")
@@ -278,7 +326,7 @@ class DPSGD(keras.optimizers.SGD):
     def apply(self, grads, trainable_variables=None):
         """Refuses raw gradients; `apply_private` is the way in."""
         raise RuntimeError(
-                "DPSGD received raw (unclipped) gradients, which would void the privacy "
+                f"{type(self).__name__} received raw (unclipped) gradients, which would void the privacy "
                 "guarantee. Train with a dks.DPScaleModel (or dks.make_private(model)); it clips "
                 "per-example gradients and calls `apply_private`.")
 
@@ -307,7 +355,7 @@ class DPSGD(keras.optimizers.SGD):
         variables = list(variables)
         if self.expected_batch_size is None and batch_normalizer is None:
             raise ValueError("apply_private needs batch_normalizer (the global logical batch "
-                             "size) when DPSGD has no expected_batch_size.")
+                             "size) when the optimizer has no expected_batch_size.")
         normalizer = (tf.constant(self.expected_batch_size, tf.float32)
                       if self.expected_batch_size is not None
                       else tf.cast(batch_normalizer, tf.float32))
@@ -319,7 +367,7 @@ class DPSGD(keras.optimizers.SGD):
             # One device (or cross-replica context): the sums are the global sums.
             self._update(self._add_noise(sums, variables, completes_step), variables, normalizer)
             return
-        sums = self._add_noise(sums, variables, _and(completes_step, _is_first_replica(context)))
+        sums = self._add_noise(sums, variables, _and(completes_step, is_first_replica(context)))
         sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
 
         def update_copy(_, sums, normalizer):
@@ -364,15 +412,16 @@ class DPSGD(keras.optimizers.SGD):
         tf.cond(is_last, lambda: (step(), tf.constant(True))[1], lambda: tf.constant(False))
 
     def _noisy_step(self, noisy_sums, variables, normalizer) -> None:
-        """Advances the noise key and takes the SGD step with the noisy average."""
+        """Advances the noise key and takes the wrapped optimizer's step with the noisy
+        average."""
         _, next_seed = split_noise_seed(self._seed.value, len(variables))
         self._seed.assign(next_seed)
         grads = [tf.cast(s, tf.float32) / normalizer for s in noisy_sums]
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
-        super().apply(grads, variables)  # the SGD update, bypassing the guard above
+        super().apply(grads, variables)  # the wrapped update, bypassing the guard above
         self._update_averages(variables)
 
-    # The gradients handed to the SGD update are already the global noisy average (all-reduced
+    # The gradients handed to the wrapped update are already the global noisy average (all-reduced
     # in `apply_private`) and the update runs on each replica's own copy of the variables: the
     # TensorFlow backend's versions of these two would all-reduce them again (doubling them)
     # and need a replica context. Use the backend-independent ones.
@@ -391,3 +440,72 @@ class DPSGD(keras.optimizers.SGD):
                       expected_batch_size=self.expected_batch_size, noise_seed=self.noise_seed,
                       weight_averages=[spec.to_config() for spec in self._average_specs])
         return config
+
+
+_DP_CLASSES: dict[type, type] = {}
+
+
+def dp_optimizer_class(optimizer_class: type) -> type:
+    """The `DPOptimizer` subclass ``DP<Name>`` of a Keras optimizer class, made and registered
+    for saving once (``DPSGD`` for `keras.optimizers.SGD`).
+
+    Call it on your own optimizer class before ``keras.models.load_model`` reads a model
+    saved with it (classes of ``keras.optimizers`` are registered on import).
+
+    Example:
+        >>> DPAdam = dp_optimizer_class(keras.optimizers.Adam)
+        >>> opt = DPAdam(learning_rate=1e-3, l2_norm_clip=1.0, noise_multiplier=1.0)
+    """
+    if not (isinstance(optimizer_class, type)
+            and issubclass(optimizer_class, keras.optimizers.Optimizer)):
+        raise TypeError(f"dp_optimizer_class takes a Keras optimizer class, got "
+                        f"{optimizer_class!r}.")
+    if issubclass(optimizer_class, DPOptimizer):
+        raise TypeError(f"{optimizer_class.__name__} is already differentially private.")
+    if issubclass(optimizer_class, keras.optimizers.LossScaleOptimizer):
+        raise TypeError("LossScaleOptimizer scales the loss of the whole batch; DP training "
+                        "computes per-example gradients and needs no loss scaling for "
+                        "float32 variables: wrap the inner optimizer instead.")
+    if optimizer_class not in _DP_CLASSES:
+        name = f"DP{optimizer_class.__name__}"
+        if not optimizer_class.__module__.startswith("keras"):
+            name = f"DP{optimizer_class.__module__.replace('.', '_')}_{optimizer_class.__name__}"
+        cls = type(name, (DPOptimizer, optimizer_class), {"__module__": __name__,
+                                                          "__doc__": DPOptimizer.__doc__})
+        _DP_CLASSES[optimizer_class] = keras.saving.register_keras_serializable(
+            package="dp_keras_scale", name=name)(cls)
+    return _DP_CLASSES[optimizer_class]
+
+
+@keras.saving.register_keras_serializable(package="dp_keras_scale")
+class DPSGD(DPOptimizer, keras.optimizers.SGD):
+    """DP-SGD (De et al. 2022): the noisy average of clipped per-example gradients, then SGD.
+
+    `DPOptimizer` around `keras.optimizers.SGD` (momentum, Nesterov and weight decay are
+    post-processing of the noisy average); ``DPOptimizer(keras.optimizers.SGD(...), ...)``
+    gives the same class.
+
+    Args:
+        learning_rate, momentum, nesterov: as `keras.optimizers.SGD`.
+        **kwargs: the DP settings of `DPOptimizer` (``l2_norm_clip``, ``noise_multiplier``,
+            ``rescale_to_unit_norm``, ``gradient_accumulation_steps``,
+            ``expected_batch_size``, ``noise_seed``) and SGD's other arguments.
+
+    Example:
+        >>> opt = DPSGD(learning_rate=2.0, l2_norm_clip=1.0, noise_multiplier=3.0,
+        ...             rescale_to_unit_norm=True)
+        >>> model.compile(optimizer=opt, loss=..., metrics=["accuracy"])
+    """
+
+    def __init__(self, learning_rate=0.01, momentum: float = 0.0, nesterov: bool = False,
+                 name: str = "DPSGD", **kwargs):
+        super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+                         name=name, **kwargs)
+
+
+_DP_CLASSES[keras.optimizers.SGD] = DPSGD
+for _optimizer_class in vars(keras.optimizers).values():     # registered for load_model
+    if (isinstance(_optimizer_class, type) and _optimizer_class is not keras.optimizers.Optimizer
+            and issubclass(_optimizer_class, keras.optimizers.Optimizer)
+            and not issubclass(_optimizer_class, keras.optimizers.LossScaleOptimizer)):
+        dp_optimizer_class(_optimizer_class)

@@ -104,7 +104,7 @@ def test_fixed_size_sampling_uses_replace_one_rdp_and_differs_from_poisson():
 def test_fixed_size_sampling_needs_dataset_size_and_rdp():
     with pytest.raises(ValueError, match="needs dataset_size"):
         accounting.epsilon(**PAPER, accountant="rdp", sampling="fixed")
-    with pytest.raises(ValueError, match="accountant='rdp'"):
+    with pytest.raises(ValueError, match='accountant="rdp"'):
         accounting.epsilon(**PAPER, accountant="pld", sampling="fixed", dataset_size=N_CIFAR)
     with pytest.raises(ValueError, match="whole batch size"):
         accounting.epsilon(10.0, 0.0123456, 10, 1e-5, accountant="rdp", sampling="fixed",
@@ -336,5 +336,5 @@ def test_privacy_budget_bad_setups():
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[budget])
     with pytest.raises(ValueError, match="needs sampling_rate"):
         PrivacyBudget(delta=1e-5)
-    with pytest.raises(ValueError, match="accountant='rdp'"):
+    with pytest.raises(ValueError, match='accountant="rdp"'):
         PrivacyBudget(delta=1e-5, sampling_rate=0.125, dataset_size=64, sampling="fixed")

@@ -114,6 +114,14 @@ def compile_dp(model, **options):
     return model
 
 
+def dp_adam(model):
+    model.compile(optimizer=dks.DPOptimizer(
+        keras.optimizers.Adam(0.01), l2_norm_clip=CLIP, noise_multiplier=SIGMA,
+        noise_seed=NOISE_SEED, expected_batch_size=EXPECTED, gradient_accumulation_steps=2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    return model
+
+
 def weights(model):
     return [np.array(v.numpy()) for v in model.trainable_variables]
 
@@ -212,6 +220,13 @@ def mirrored_role() -> dict:
     out["noise_copies_equal"] = all(
         np.array_equal(*strategy.experimental_local_results(v.value))
         for v in model.trainable_variables)
+
+    # Any optimizer under DP: DP-Adam with noise from a fixed key, 2 steps of 2 micro-batches.
+    with strategy.scope():
+        model = dp_adam(small_convnet())
+    out["adam_initial"] = as_lists(weights(model))
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(4), epochs=1, verbose=0)
+    out["adam_weights"] = as_lists(weights(model))
     return out
 
 
@@ -325,6 +340,15 @@ def test_two_replicas_match_one_device_with_masks_accumulation_and_momentum(mirr
         assert mirrored["masked_batch_logs"][-1][name] == pytest.approx(value, rel=1e-5,
                                                                         abs=1e-6)
     assert metrics["nonfinite_examples"] == 1
+
+
+def test_dp_adam_on_two_replicas_matches_one_device(mirrored):
+    model = dp_adam(small_convnet())
+    _set_weights(model, mirrored["adam_initial"])
+    x, y, mask = data()
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(4), epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == 2
+    _assert_weights(mirrored["adam_weights"], weights(model))
 
 
 def test_fixed_size_batches_divide_by_the_global_batch(mirrored):
