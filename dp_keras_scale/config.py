@@ -55,13 +55,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dp_keras_scale.data.sources import DATASETS
-from dp_keras_scale.options import ACCOUNTANTS, SAMPLINGS, TFDS_PREFIX
+from dp_keras_scale.options import (ACCOUNTANTS, FINETUNE_CLASSIFIERS, FINETUNE_MODES, SAMPLINGS,
+                                    TFDS_PREFIX)
 
 ARCHITECTURES = ("small_cnn", "wide_resnet", "nf_resnet")
-# The same tuples as dp_keras_scale.finetune.MODES / CLASSIFIERS (kept here so that reading a
-# config does not import TensorFlow).
-FINETUNE_MODES = ("all_layers", "classifier_only")
-FINETUNE_CLASSIFIERS = ("reset", "keep", "add")
 PIXEL_RANGES = ("auto", "0-255", "0-1")
 REQUIRED = "REQUIRED"
 

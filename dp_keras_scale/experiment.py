@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,9 @@ import numpy as np
 
 from dp_keras_scale import accounting, callbacks, data, finetune, models
 from dp_keras_scale.config import check_complete, dumps, load_config
+# The feature cache lives with the fine-tuning code; its names stay importable from here.
+from dp_keras_scale.finetune.cache import (FEATURE_FILES, FEATURE_KEY,  # noqa: F401
+                                           cached_features, source_fingerprint)
 from dp_keras_scale.model import DPScaleModel
 from dp_keras_scale.optimizers import DPSGD
 
@@ -331,106 +333,6 @@ def finetune_model(config: dict, image_shape: tuple[int, ...],
                           classifier=ft["classifier"], feature_layer=ft["feature_layer"] or None,
                           image_shape=tuple(image_shape), image_size=ft["image_size"] or None,
                           pixel_scale=pixel_scale(config, loaded), name="finetune")
-
-
-def _sha256_file(path: str, digest=None):
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest
-
-
-def source_fingerprint(source: keras.layers.Layer, name: str) -> str:
-    """SHA-256 of the backbone's files (a .keras/.h5 file, or every file of a SavedModel), or
-    of the configuration of a built-in backbone (`finetune.BUILTIN_BACKBONES`)."""
-    if name in finetune.BUILTIN_BACKBONES:
-        config = json.dumps(source.get_config(), sort_keys=True, default=str)
-        return hashlib.sha256(config.encode()).hexdigest()
-    path = getattr(source, "saved_model_path", None) or name
-    if os.path.isfile(path):
-        return _sha256_file(path).hexdigest()
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for fname in sorted(files):
-            full = os.path.join(root, fname)
-            digest.update(os.path.relpath(full, path).encode() + b"\0")
-            _sha256_file(full, digest)
-    return digest.hexdigest()
-
-
-def _array_sha256(*arrays) -> str:
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(memoryview(a).cast("B"))
-    return digest.hexdigest()
-
-
-FEATURE_FILES = ("features_train.npy", "features_test.npy")
-FEATURE_KEY = "features_key.json"
-
-
-def cached_features(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str,
-                    verbose: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train and test features of `model`'s frozen backbone, computed once per run directory.
-
-    The features are saved in ``run_dir`` (``features_train.npy``, ``features_test.npy``)
-    with ``features_key.json``: the source and a SHA-256 of its files, the options that shape
-    the features, and SHA-256s of the train and test images and labels. A later call (a
-    resumed run) loads them only if that key is unchanged, else computes them again.
-
-    The cached features are computed from the private images WITHOUT noise: like the data
-    itself, they must not be released (only the DP-trained model and metrics are covered).
-
-    Returns (train features, test features, {"reused": bool, "seconds": float, "dim": int}).
-    """
-    ft = config["finetune"]
-    backbone = model.get_layer(finetune.BACKBONE_NAME)
-    inner = getattr(backbone, "layer", backbone)
-    key = {"source": ft["source"], "source_sha256": source_fingerprint(inner, ft["source"]),
-           **{k: ft[k] for k in ("mode", "classifier", "feature_layer", "image_size",
-                                  "pixel_range")},
-           "train": {"examples": len(x), "sha256": _array_sha256(x, y)},
-           "test": {"examples": len(x_test), "sha256": _array_sha256(x_test, y_test)}}
-    paths = [os.path.join(run_dir, f) for f in FEATURE_FILES]
-    key_path = os.path.join(run_dir, FEATURE_KEY)
-    old_key = None
-    if os.path.exists(key_path):
-        with open(key_path) as f:
-            old_key = json.load(f)
-    if old_key == key and all(os.path.exists(p) for p in paths):
-        features, features_test = (np.load(p) for p in paths)
-        if len(features) == len(x) and len(features_test) == len(x_test):
-            if verbose:
-                print(f"Reusing the cached features in {run_dir} ({features.shape[1]} per "
-                      "image; source and data unchanged).", flush=True)
-            return features, features_test, {"reused": True, "seconds": 0.0,
-                                             "dim": int(features.shape[1])}
-    if old_key is not None and old_key != key and os.path.isdir(os.path.join(run_dir, "backup")):
-        raise ValueError(
-            f"{run_dir} holds an interrupted run whose features came from another source or "
-            "other data (features_key.json differs): resuming it would train its classifier on "
-            "different features. Use a new --out directory, or delete "
-            f"{os.path.join(run_dir, 'backup')} to start this run over.")
-    start = time.time()
-    if verbose:
-        print(f"Computing features of {len(x)} training and {len(x_test)} test images with "
-              f"the frozen backbone '{ft['source']}' (once; cached in {run_dir}).", flush=True)
-    computed = [finetune.extract_features(model, images, verbose=1 if verbose else 0)
-                for images in (x, x_test)]
-    if os.path.exists(key_path):
-        os.remove(key_path)                  # the old features are no longer valid
-    for array, path in zip(computed, paths):
-        partial = path + ".partial.npy"
-        np.save(partial, array)
-        os.replace(partial, path)
-    with open(key_path, "w") as f:           # written last: a complete cache has a key
-        json.dump(key, f, indent=1)
-    return computed[0], computed[1], {"reused": False, "seconds": round(time.time() - start, 1),
-                                      "dim": int(computed[0].shape[1])}
 
 
 #: Keys that may differ when an interrupted run resumes: they cannot change what is trained

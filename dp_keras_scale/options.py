@@ -2,10 +2,10 @@
 
 The configuration (`dp_keras_scale.config`), the accountant (`dp_keras_scale.accounting`), the
 samplers (`dp_keras_scale.data.sampling`, `dp_keras_scale.distribute`), the data sources and
-the audit all accept the same sampling schemes, accountants, dataset names and delta. This
-module is their one definition. It imports only the standard library, so that reading a
-config (and the ``dp-keras-scale`` command's light subcommands) never imports TensorFlow or
-dp_accounting.
+the audit all accept the same sampling schemes, accountants, dataset names, fine-tuning
+choices and delta. This module is their one definition. It imports only the standard library,
+so that reading a config (and the ``dp-keras-scale`` command's light subcommands) never
+imports TensorFlow or dp_accounting.
 
 Example:
     >>> from dp_keras_scale.options import SAMPLINGS, check_delta
@@ -21,7 +21,8 @@ import math
 import numbers
 from typing import Any
 
-__all__ = ["ACCOUNTANTS", "SAMPLINGS", "TFDS_PREFIX", "check_delta"]
+__all__ = ["ACCOUNTANTS", "FINETUNE_CLASSIFIERS", "FINETUNE_MODES", "SAMPLINGS", "TFDS_PREFIX",
+           "check_delta"]
 
 #: Batch sampling schemes the accountant can describe: ``"poisson"`` (each example joins a
 #: batch independently with probability q; add/remove-one neighbours) and ``"fixed"`` (a batch
@@ -31,6 +32,14 @@ SAMPLINGS: tuple[str, ...] = ("poisson", "fixed")
 #: Privacy accountants: ``"pld"`` (privacy loss distributions; tighter, the default) and
 #: ``"rdp"`` (Renyi DP).
 ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
+
+#: Fine-tuning modes (`dks.finetune.MODES`): ``"all_layers"`` (DP-SGD through the whole
+#: network) or ``"classifier_only"`` (frozen backbone, cached features).
+FINETUNE_MODES: tuple[str, ...] = ("all_layers", "classifier_only")
+
+#: What becomes of a backbone's classifier (`dks.finetune.CLASSIFIERS`): ``"reset"``,
+#: ``"keep"`` or ``"add"``.
+FINETUNE_CLASSIFIERS: tuple[str, ...] = ("reset", "keep", "add")
 
 #: ``data.dataset = "tfds:NAME"`` names a TFDS dataset read by example index
 #: (`dks.data.tfds_source`), not one of the in-memory ``DATASETS``.
