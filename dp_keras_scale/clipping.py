@@ -13,6 +13,7 @@ contributes exactly zero. `gaussian_noise` draws the noise added once per logica
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, Sequence
 
 import tensorflow as tf
@@ -40,6 +41,16 @@ def clip_factors(norms: tf.Tensor, l2_norm_clip: float, rescale_to_unit_norm: bo
     c = tf.cast(l2_norm_clip, norms.dtype)
     numerator = tf.ones_like(c) if rescale_to_unit_norm else c
     return numerator / tf.maximum(norms, c)
+
+
+_warned_fallback: set[tuple[int, str]] = set()
+
+
+def _warn_fallback(model, reason: str) -> None:
+    if (id(model), reason) not in _warned_fallback:
+        _warned_fallback.add((id(model), reason))
+        warnings.warn(f"Model '{model.name}': per-example clipping uses the per-example path "
+                      f"(exact, slower) because {reason}.", stacklevel=4)
 
 
 def clipped_gradient_sum(
@@ -82,7 +93,8 @@ def clipped_gradient_sum(
         from dp_keras_scale import ghost_clipping     # imports this module
 
         result = ghost_clipping.fast_clipped_gradient_sum(
-            model, variables, x, y, weights, l2_norm_clip, rescale_to_unit_norm, method=method)
+            model, variables, x, y, weights, l2_norm_clip, rescale_to_unit_norm, method=method,
+            on_fallback=lambda reason: _warn_fallback(model, reason))
         if result is not None:
             return result
 

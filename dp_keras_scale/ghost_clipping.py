@@ -165,7 +165,7 @@ class _Recorder:
 
 
 def _plan(model: keras.Model, variables: list):
-    """[(layer, kind)] covering every variable in `variables`, or None if not coverable."""
+    """([(layer, kind)] covering every variable in `variables`, None) or (None, why not)."""
     wanted = {_key(v) for v in variables}
     covered, plan = set(), []
     for layer in _leaf_layers(model):
@@ -175,7 +175,8 @@ def _plan(model: keras.Model, variables: list):
         sub_vars = [v for sub in layer._flatten_layers(include_self=False, recursive=True)
                     for v in _owns(sub) if _key(v) in wanted]
         if sub_vars:
-            return None     # a layer with variables of its own AND sub-layers with variables
+            return None, (f"layer '{layer.name}' has trainable variables of its own and "
+                          "sub-layers with trainable variables")
         if _is_plain_dense(layer):
             kind = "dense"
         elif _is_plain_conv(layer):
@@ -184,18 +185,18 @@ def _plan(model: keras.Model, variables: list):
             kind = "generic"
         for v in own:
             if _key(v) in covered:
-                return None
+                return None, f"variable '{v.path}' is owned by two layers"
             covered.add(_key(v))
         plan.append((layer, kind))
     if covered != wanted:
-        return None
-    return plan
+        return None, "some trainable variables are not owned by a Keras layer of the model"
+    return plan, None
 
 
 def supports_fast_clipping(model: keras.Model, variables=None) -> bool:
     """Whether `fast_clipped_gradient_sum` can compute `model`'s clipped sums exactly."""
     variables = model.trainable_variables if variables is None else variables
-    return _plan(model, list(variables)) is not None
+    return _plan(model, list(variables))[0] is not None
 
 
 # -- per-layer rules ---------------------------------------------------------------------------
@@ -409,6 +410,15 @@ def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
     return sq, finish
 
 
+def _zero_rule(rec: _Record, batch, wanted):
+    """A layer the forward pass never called: zero gradient for its variables."""
+    variables = [v for v in _owns(rec.layer) if _key(v) in wanted]
+
+    def finish(factors, keep):
+        return {_key(v): tf.zeros(v.shape, factors.dtype) for v in variables}
+    return tf.zeros([batch]), finish
+
+
 # -- the clipped sum ---------------------------------------------------------------------------
 
 
@@ -423,7 +433,9 @@ def model_example_loss(model: keras.Model) -> Callable:
 
 def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.Tensor,
                               l2_norm_clip: float, rescale_to_unit_norm: bool = False,
-                              method: str = "auto") -> ClippedSum | None:
+                              method: str = "auto",
+                              on_fallback: Callable[[str], None] | None = None
+                              ) -> ClippedSum | None:
     """`clipping.clipped_gradient_sum` from one batched pass (see the module docstring).
 
     Args:
@@ -434,6 +446,7 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
         l2_norm_clip, rescale_to_unit_norm: as for `clipped_gradient_sum`.
         method: "auto" (per layer, the cheaper of ghost norm and materialised per-example
             kernel gradients by a flop count), "ghost" or "materialize" (force one, for tests).
+        on_fallback: called with the reason when this path returns None.
 
     Returns:
         A `ClippedSum`, or None when the model is outside what this path computes exactly
@@ -446,8 +459,10 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     variables = list(variables)
-    plan = _plan(model, variables)
+    plan, reason = _plan(model, variables)
     if plan is None or not variables:
+        if on_fallback is not None:
+            on_fallback(reason or "no trainable variables")
         return None
     wanted = {_key(v) for v in variables}
     first = tf.nest.flatten(x)[0]
@@ -464,8 +479,14 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
         with recorder:
             pred_flat = model(x_flat, training=True)
         records = list(recorder.records.values())
-        if any(rec.calls != 1 for rec in records) or model.losses:
-            return None      # shared layers or regularisation losses: use the reference path
+        shared = [rec.layer.name for rec in records if rec.calls > 1]
+        if shared or model.losses:
+            if on_fallback is not None:
+                on_fallback(f"layers {shared} are called more than once per forward pass"
+                            if shared else "the model has regularization losses")
+            return None
+        unused = [rec for rec in records if rec.calls == 0]     # their gradient is zero
+        records = [rec for rec in records if rec.calls == 1]
         outputs = [rec.output for rec in records]
 
         def split(t):
@@ -478,7 +499,7 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
         total = tf.reduce_sum(losses)
     grads = tape.gradient(total, outputs)
 
-    parts = []
+    parts = [_zero_rule(rec, batch, wanted) for rec in unused]
     for rec, G in zip(records, grads):
         if rec.kind == "generic":
             parts.append(_generic_rule(rec, G, batch, copies, wanted, original_calls))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import compile_dp, reference_clipped_sum, small_convnet
+from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of
 
 import dp_keras_scale as dks
 from dp_keras_scale.clipping import clipped_gradient_sum
@@ -237,3 +237,32 @@ def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method"):
         fast_clipped_gradient_sum(model, model.trainable_variables, x, y, tf.ones([2]), 1.0,
                                   method="fastest")
+
+
+def test_fallback_warns_once_naming_the_reason(batch):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    shared = keras.layers.Conv2D(3, 3, padding="same")
+    h = keras.layers.GlobalAveragePooling2D()(shared(shared(inputs)))
+    model = compile_dp(dks.DPScaleModel(inputs, keras.layers.Dense(3)(h)), l2_norm_clip=0.05)
+    x, y = batch
+    y_copies = np.repeat(y[:, None], 2, 1)
+    expected = reference_clipped_sum(model, x, y_copies, np.ones(6), clip=0.05)
+    before = [w.copy() for w in weights_of(model)]
+    with pytest.warns(UserWarning, match="called more than once"):
+        model.train_on_batch(x, y)
+    for b, a, e in zip(before, weights_of(model), expected):
+        np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-7)
+
+
+@pytest.mark.parametrize("method", ["auto", "reference"])
+def test_dp_model_fit_default_and_reference_agree(batch, method):
+    x, y = batch
+    model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05)
+    model.clipping_method = method
+    y_copies = np.repeat(y[:, None], 2, 1)
+    expected = reference_clipped_sum(model, x, y_copies, np.ones(6), clip=0.05)
+    before = weights_of(model)
+    model.train_on_batch(x, y)
+    for b, a, e in zip(before, weights_of(model), expected):
+        np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-8)
