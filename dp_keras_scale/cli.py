@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config value (repeatable)")
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument("--quiet", action="store_true", help="no progress lines")
+    train.add_argument("--no-training-metrics", action="store_true",
+                       help="leave the training loss/accuracy/clipped fraction (computed on the "
+                       "private batches without noise, not covered by the guarantee) out of the "
+                       "run directory (same as --set run.training_metrics=false)")
 
     evaluate = command(
         "evaluate", "test accuracy of a run's saved model",
@@ -122,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> None:
-    config = load_config(args.config, args.set)
+    overrides = args.set + (["run.training_metrics=false"] if args.no_training_metrics else [])
+    config = load_config(args.config, overrides)
     check_complete(config)             # before any data or model is loaded: a fast, clear error
     out = args.out or os.path.join("runs", config["run"]["name"])
     if not args.quiet:

@@ -64,7 +64,7 @@ REQUIRED = "REQUIRED"
 
 # section -> key -> default. The default's type is the key's type (ints are accepted for floats).
 SCHEMA: dict[str, dict[str, Any]] = {
-    "run": {"name": "run", "description": ""},
+    "run": {"name": "run", "description": "", "training_metrics": True},
     "data": {"dataset": "fashion_mnist", "data_dir": "", "train_subset": 0, "test_subset": 0,
              "image_size": 0},
     "model": {"architecture": "small_cnn", "widths": [16, 32, 32, 64], "groups": 8,

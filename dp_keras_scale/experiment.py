@@ -1,8 +1,9 @@
 """Run a config end to end: data, sampler, model, DP-SGD, averaging, budget, and a run directory.
 
 A run directory holds ``config.toml`` (resolved), ``metrics.csv`` / ``metrics.json`` (one row
-per evaluation point, about 20 from step 0: logical step, epoch, loss, test accuracy, EMA test
-accuracy, epsilon; `RunMetrics`), ``privacy.txt`` /
+per evaluation point, about 20 from step 0: logical step, epoch, test accuracy, EMA test
+accuracy, epsilon, and the training-time metrics labelled ``nonprivate_...`` unless
+``run.training_metrics = false``; `RunMetrics`), ``privacy.txt`` /
 ``privacy.json`` (the privacy statement), ``model.keras`` (and ``ema_model.keras``),
 ``summary.json`` and PNG plots. Re-running the same command with the same directory resumes
 an interrupted run (`keras.callbacks.BackupAndRestore` under ``backup/``).
@@ -119,7 +120,9 @@ class RunMetrics(keras.callbacks.Callback):
     the `PrivacyBudget`, appends a row to ``metrics.csv`` / ``metrics.json`` in ``run_dir``
     and, with ``verbose``, prints one progress line. Intermediate points use the first
     `INTERMEDIATE_TEST_EXAMPLES` test examples (cheap); the last point uses all of them.
-    A resumed run keeps the rows up to its restored step.
+    A resumed run keeps the rows up to its restored step. Training-time metrics (loss,
+    accuracy, clipped fraction, non-finite examples of the private batches, without noise)
+    are written under the names of `TRAINING_METRICS` (``nonprivate_...``), or left out.
 
     Args:
         x_test, y_test: the test set (arrays, or a random-access source with y_test None).
@@ -127,14 +130,17 @@ class RunMetrics(keras.callbacks.Callback):
         ema: whether the optimizer keeps an "ema" average to evaluate too.
         budget: the run's `dks.callbacks.PrivacyBudget` (before this callback in the list).
         verbose: 0 silent; otherwise one line per evaluation point.
+        training_metrics: write the training-time metrics (not covered by the guarantee).
 
     Example:
         >>> model.fit(ds, callbacks=[budget, RunMetrics(x_test, y_test, "runs/x", False,
         ...                                              budget, verbose=1)], verbose=0)
     """
 
-    def __init__(self, x_test, y_test, run_dir: str, ema: bool, budget, verbose: int = 0):
+    def __init__(self, x_test, y_test, run_dir: str, ema: bool, budget, verbose: int = 0,
+                 training_metrics: bool = True):
         super().__init__()
+        self.training_metrics = training_metrics
         self.x_test, self.y_test, self.run_dir, self.ema, self.budget = \
             x_test, y_test, run_dir, ema, budget
         self.verbose = verbose
@@ -172,7 +178,7 @@ class RunMetrics(keras.callbacks.Callback):
             self._record(step, {}, final=False)
 
     def _accumulation(self) -> int:
-        return int(getattr(self.model.optimizer, "gradient_accumulation_steps", 1) or 1)
+        return int(getattr(self.model.optimizer, "dp_accumulation_steps", 1) or 1)
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._step()
@@ -194,9 +200,10 @@ class RunMetrics(keras.callbacks.Callback):
     def _record(self, step: int, logs: dict, final: bool) -> None:
         row: dict[str, Any] = {"step": step,
                                "epoch": round(step / self._steps_per_epoch, 4)}  # fractional
-        for key in ("loss", "accuracy"):             # running means over the epoch so far
-            if key in logs:
-                row[key] = float(logs[key])
+        if self.training_metrics:   # running means over the epoch so far; no noise: not DP
+            for key, name in TRAINING_METRICS.items():
+                if key in logs:
+                    row[name] = float(logs[key])
         row["test_accuracy"], row["test_examples"] = self._accuracy(final)
         if self.ema:
             with callbacks.averaged_weights(self.model, "ema"):
@@ -206,6 +213,13 @@ class RunMetrics(keras.callbacks.Callback):
         write_metrics(self.rows, self.run_dir)
         if self.verbose:
             print(progress_line(row, self._last, time.time() - self._start), flush=True)
+
+
+#: Training-time metrics (computed on the private batches without noise, so NOT covered by
+#: the privacy statement) and their labelled names in metrics.* files.
+TRAINING_METRICS = {"loss": "nonprivate_train_loss", "accuracy": "nonprivate_train_accuracy",
+                    "clipped_fraction": "nonprivate_clipped_fraction",
+                    "nonfinite_examples": "nonprivate_nonfinite_examples"}
 
 
 def tensorboard_callbacks(run_dir: str) -> list[keras.callbacks.Callback]:
@@ -229,12 +243,13 @@ def progress_line(row: dict, planned_steps: int, seconds: float) -> str:
     """One line of training progress, counted in logical (noisy) DP-SGD steps.
 
     Example:
-        >>> progress_line({"step": 6, "loss": 1.2, "test_accuracy": 0.5, "test_examples": 300,
-        ...                "epsilon": 4.1}, 12, 30.0)
+        >>> progress_line({"step": 6, "nonprivate_train_loss": 1.2, "test_accuracy": 0.5,
+        ...                "test_examples": 300, "epsilon": 4.1}, 12, 30.0)
         'step 6/12: loss 1.2000, test acc 0.5000 (300 images), epsilon 4.100 [30 s]'
     """
     width = len(str(planned_steps))
-    parts = [f"loss {row['loss']:.4f}"] if "loss" in row else []
+    loss = row.get(TRAINING_METRICS["loss"])
+    parts = [f"loss {loss:.4f}"] if loss is not None else []
     parts.append(f"test acc {row['test_accuracy']:.4f}" + (
         f", EMA {row['ema_test_accuracy']:.4f}" if "ema_test_accuracy" in row else "")
         + f" ({row['test_examples']} images)")
@@ -337,7 +352,8 @@ def finetune_model(config: dict, image_shape: tuple[int, ...],
 
 #: Keys that may differ when an interrupted run resumes: they cannot change what is trained
 #: or what it spends (where the data lies, compilation, the description).
-RESUME_NEUTRAL_KEYS = (("data", "data_dir"), ("training", "jit_compile"), ("run", "description"))
+RESUME_NEUTRAL_KEYS = (("data", "data_dir"), ("training", "jit_compile"), ("run", "description"),
+                       ("run", "training_metrics"))
 #: Files a run writes that describe its model; removed when a directory starts over.
 RUN_OUTPUTS = ("metrics.json", "metrics.csv", "privacy.json", "privacy.txt", "model.keras",
                "ema_model.keras", "summary.json", "audit.json")
@@ -509,8 +525,10 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
                                                       save_freq="epoch"), budget]
     if ema:
         fit_callbacks.append(callbacks.EMA(t["ema_decay"], use_for_validation=False))
-    fit_callbacks.append(RunMetrics(x_test, y_test, run_dir, ema, budget, verbose))
-    fit_callbacks += tensorboard_callbacks(run_dir)
+    kept = config["run"]["training_metrics"]
+    fit_callbacks.append(RunMetrics(x_test, y_test, run_dir, ema, budget, verbose, kept))
+    if kept:     # TensorBoard logs Keras's training metrics too
+        fit_callbacks += tensorboard_callbacks(run_dir)
     if verbose:
         rows = "feature rows" if getattr(x, "ndim", 4) == 2 else "examples"
         print(f"{config['run']['name']}: {n} {rows}, Poisson rate "

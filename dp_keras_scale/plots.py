@@ -40,7 +40,8 @@ def training_curves(rows: list[dict], run_dir: str,
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, label, style in [("test_accuracy", "test accuracy" + subset, "-o"),
                               ("ema_test_accuracy", "test accuracy (EMA weights)", "-s"),
-                              ("accuracy", "train accuracy (sampled batches, epoch mean)", ":.")]:
+                              ("nonprivate_train_accuracy",
+                               "train accuracy (private batches, no noise: not DP)", ":.")]:
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), style, markersize=3.5, label=label)

@@ -115,6 +115,7 @@ def test_train_evaluate_and_report_end_to_end(tmp_path):
     rows = json.loads((out / "metrics.json").read_text())
     assert summary["steps"] == 12 and [r["step"] for r in rows] == list(range(13))
     assert rows[0]["epsilon"] == 0 and rows[-1]["test_examples"] == 300
+    assert "nonprivate_train_loss" in rows[-1] and "loss" not in rows[-1]   # labelled: not DP
     assert rows[-1]["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
     assert list((out / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert summary["epsilon"] == pytest.approx(dks.accounting.epsilon(

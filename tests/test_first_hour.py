@@ -166,9 +166,10 @@ def test_evaluation_points_start_at_zero_and_make_a_curve():
     assert long[0] == 0 and long[-1] == 1000 and 20 <= len(long) <= 22
     odd = experiment.evaluation_steps(97)
     assert odd[0] == 0 and odd[-1] == 97 and len(odd) <= 22
-    line = experiment.progress_line({"step": 6, "loss": 1.0, "test_accuracy": 0.5,
-                                     "test_examples": 300, "epsilon": 2.0}, 12, 3.0)
-    assert line.startswith("step  6/12:") and "epsilon 2.000" in line
+    line = experiment.progress_line({"step": 6, "nonprivate_train_loss": 1.0,
+                                     "test_accuracy": 0.5, "test_examples": 300,
+                                     "epsilon": 2.0}, 12, 3.0)
+    assert line.startswith("step  6/12: loss 1.0000") and "epsilon 2.000" in line
 
 
 def test_tensorboard_event_files_hold_epsilon(tmp_path):

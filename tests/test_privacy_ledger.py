@@ -326,8 +326,13 @@ def test_a_run_directory_states_deterministic_noise_and_releases_no_optimizer(tm
     run = str(tmp_path / "run")
     config = load_config("mnist_cpu", ["training.steps=2", "data.train_subset=1000",
                                        "data.test_subset=200", "training.seed=3",
-                                       "privacy.deterministic_noise=true"])
+                                       "privacy.deterministic_noise=true",
+                                       "run.training_metrics=false"])
     experiment.train(config, run, verbose=0)
+    with open(os.path.join(run, "metrics.json")) as f:     # training metrics left out
+        assert not any(k.startswith("nonprivate") or k in ("loss", "accuracy")
+                       for row in json.load(f) for k in row)
+    assert not os.path.exists(os.path.join(run, "tensorboard"))
     assert "NO privacy guarantee" in capsys.readouterr().err
     with open(os.path.join(run, "privacy.txt")) as f:
         assert "no privacy guarantee: deterministic noise" in f.read()
