@@ -139,7 +139,7 @@ class PrivacyBudget(keras.callbacks.Callback):
     # ------------------------------------------------------------------ model state
 
     def _optimizer(self) -> Any:
-        model = getattr(self, "_model", None)
+        model = self.model
         if model is None or getattr(model, "optimizer", None) is None:
             raise RuntimeError(
                 "PrivacyBudget is not attached to a compiled model; pass it to "

@@ -58,20 +58,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from dp_keras_scale._keras_compat import num_workers  # public here (uses private TF API)
 from dp_keras_scale.data.sampling import SamplerCore, masked_microbatches
-
-
-def num_workers(strategy: tf.distribute.Strategy) -> int:
-    """How many worker processes feed ``strategy`` (1 for one-process strategies).
-
-    Example:
-        >>> num_workers(tf.distribute.MirroredStrategy())
-        1
-    """
-    extended = strategy.extended
-    if not getattr(extended, "_in_multi_worker_mode", lambda: False)():
-        return 1
-    return int(getattr(extended, "_num_workers", 1))
 
 
 def auto_strategy(tpu: str | None = None, verbose: bool = True) -> tf.distribute.Strategy:

@@ -9,9 +9,8 @@ import warnings
 
 import keras
 import tensorflow as tf
-from keras.src.backend import set_keras_mask
-from keras.src.losses import loss as loss_module
 
+from dp_keras_scale import _keras_compat
 from dp_keras_scale.averaging import WeightAveraging
 from dp_keras_scale.clipping import clipped_gradient_sum
 from dp_keras_scale.distribute import num_workers
@@ -24,7 +23,7 @@ _CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
 
 
 def _layers(model: keras.Model) -> list[keras.layers.Layer]:
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return _keras_compat.flatten_layers(model)
 
 
 def check_per_example_layers(model: keras.Model) -> None:
@@ -247,8 +246,9 @@ class DPScaleModel(keras.Model):
         """Before distributed training Keras builds metrics from one batch, reducing it across
         workers first (which fails for multi-worker input): use this worker's first replica's
         share of the batch instead; only its shapes matter."""
-        strategy = self._distribute_strategy
-        if strategy is None or iterator is None:
+        strategy = self.distribute_strategy
+        if iterator is None or (strategy.num_replicas_in_sync == 1
+                                and num_workers(strategy) == 1):
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         for _, _, it in iterator:
             data_batch = tf.nest.map_structure(
@@ -276,8 +276,7 @@ class DPScaleModel(keras.Model):
     def _example_loss(self, x, y):
         """Mean loss over one example's copies (leading axis K), and its predictions."""
         pred = self(x, training=True)
-        loss = self._compute_loss(x=x, y=y, y_pred=pred, training=True)
-        return loss_module.unscale_loss_for_distribution(loss), pred
+        return _keras_compat.compiled_loss(self, x, y, pred), pred
 
     def train_step(self, data):
         x, y, weights = keras.utils.unpack_x_y_sample_weight(data)
@@ -306,7 +305,7 @@ class DPScaleModel(keras.Model):
             logical_batch = _global_rows(batch) * self.optimizer.dp_accumulation_steps
         self.optimizer.apply_private(result.gradients, self.trainable_variables, logical_batch)
 
-        self._loss_tracker.update_state(result.losses, sample_weight=result.valid)
+        _keras_compat.loss_tracker(self).update_state(result.losses, sample_weight=result.valid)
         self.nonfinite_tracker.update_state(result.nonfinite)
         self.clipped_tracker.update_state(result.clipped / tf.maximum(
             tf.reduce_sum(result.valid), 1.0), sample_weight=tf.reduce_sum(result.valid))
@@ -316,7 +315,7 @@ class DPScaleModel(keras.Model):
                                predictions, tf.zeros_like(predictions))
         # Unweighted compiled metrics (``metrics=["accuracy"]``) ignore sample weights but
         # honour a Keras mask: without it, padded rows would count as examples.
-        set_keras_mask(predictions, tf.reshape(valid, [-1]) > 0)
+        _keras_compat.set_keras_mask(predictions, tf.reshape(valid, [-1]) > 0)
         logs = self.compute_metrics(x, tf.nest.map_structure(_merge_copies, y), predictions,
                                     sample_weight=tf.reshape(valid, [-1]))
         return _metrics_across_replicas(self.metrics, logs)

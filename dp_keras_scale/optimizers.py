@@ -13,8 +13,8 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.optimizers import base_optimizer
 
+from dp_keras_scale import _keras_compat
 from dp_keras_scale.averaging import AverageSpec
 from dp_keras_scale.clipping import gaussian_noise, split_noise_seed
 from dp_keras_scale.ledger import PrivacyLedger, Segment
@@ -233,7 +233,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
         """Std of the Gaussian noise added to the summed clipped gradients."""
         if self.noise_multiplier is None:
             raise ValueError(
-                f"{type(self).__name__}(noise_multiplier=None) has not been calibrated: train with "
+                f"{type(self).__name__}(noise_multiplier=None) has not been calibrated: train "
+                "with "
                 "dks.callbacks.PrivacyBudget(target_epsilon=..., planned_steps=..., delta=...) "
                 "in the callbacks, or pass noise_multiplier (see "
                 "dks.accounting.calibrate_noise_multiplier).")
@@ -273,7 +274,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
             return
         self._average_specs.append(spec)
         if self.built:
-            self._build_average(spec, self._trainable_variables)
+            self._build_average(spec, _keras_compat.optimizer_variables_trained(self))
 
     def _build_average(self, spec: AverageSpec, var_list) -> None:
         averages = []
@@ -326,9 +327,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         """Refuses raw gradients; `apply_private` is the way in."""
         raise RuntimeError(
-                f"{type(self).__name__} received raw (unclipped) gradients, which would void the privacy "
-                "guarantee. Train with a dks.DPScaleModel (or dks.make_private(model)); it clips "
-                "per-example gradients and calls `apply_private`.")
+                f"{type(self).__name__} received raw (unclipped) gradients, which would void "
+                "the privacy guarantee. Train with a dks.DPScaleModel (or "
+                "dks.make_private(model)); it clips per-example gradients and calls "
+                "`apply_private`.")
 
     def apply_private(self, clipped_sums, variables, batch_normalizer) -> None:
         """Accumulates one micro-batch of summed clipped gradients; steps on the last one.
@@ -426,11 +428,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
     # TensorFlow backend's versions of these two would all-reduce them again (doubling them)
     # and need a replica context. Use the backend-independent ones.
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        base_optimizer.BaseOptimizer._backend_update_step(self, grads, trainable_variables,
-                                                          learning_rate)
+        _keras_compat.backend_free_update_step(self, grads, trainable_variables, learning_rate)
 
     def _apply_weight_decay(self, variables):
-        base_optimizer.BaseOptimizer._apply_weight_decay(self, variables)
+        _keras_compat.backend_free_weight_decay(self, variables)
 
     def get_config(self):
         config = super().get_config()

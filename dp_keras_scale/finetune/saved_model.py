@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dp_keras_scale import _keras_compat
 from dp_keras_scale.finetune.hub import resolve_hub
 from dp_keras_scale.finetune.trust import is_trusted
 
@@ -212,9 +213,8 @@ class SavedModelLayer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None, safe_mode=None):
-        from keras.src.saving import serialization_lib
         config = dict(config)
-        safe = safe_mode if safe_mode is not None else serialization_lib.in_safe_mode()
+        safe = safe_mode if safe_mode is not None else _keras_compat.in_safe_mode()
         if safe and not is_trusted(config.get("path"), config.get("handle")):
             raise ValueError(
                 f"Loading this model reloads the SavedModel at {config.get('path')!r}, which "

@@ -17,6 +17,7 @@ from typing import Callable
 
 import keras
 
+from dp_keras_scale import _keras_compat
 from dp_keras_scale.finetune.hub import BackboneNotFoundError, is_hub_handle, resolve_hub
 from dp_keras_scale.finetune.saved_model import SavedModelLayer
 from dp_keras_scale.models.scatternet import ScatterNet
@@ -102,7 +103,7 @@ def load_source(source, signature: str | None = None, output_key: str | None = N
 
 
 def _all_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    return list(layer._flatten_layers(include_self=True, recursive=True))
+    return _keras_compat.flatten_layers(layer, include_self=True)
 
 
 def _freeze_batchnorm(layer: keras.layers.Layer) -> None:
