@@ -3,9 +3,10 @@
 Averaging is post-processing of the noisy DP-SGD iterates, so it has no privacy cost: the
 averaged weights are a function of the released sequence of noisy updates and nothing else.
 
-The averages live in the optimizer (`DPSGD` updates them right after each noisy logical
-step, inside the compiled train step), so checkpoints (`model.save`, `ModelCheckpoint`,
-`BackupAndRestore`) save and restore them with the rest of the training state. The callbacks
+The averages live in the optimizer (`WeightAverages`, kept by every `dks.DPOptimizer`,
+updated right after each noisy logical step, inside the compiled train step), so checkpoints
+(`model.save`, `ModelCheckpoint`, `BackupAndRestore`) save and restore them with the rest of
+the training state. The callbacks
 here declare which averages to keep (`DPScaleModel.fit` registers them with the optimizer)
 and, by default, run validation with the averaged weights.
 
@@ -70,6 +71,81 @@ class AverageSpec:
             t = count - 1.0
             mu = tf.minimum(mu, (1.0 + t) / (10.0 + t))
         return 1.0 - mu
+
+
+class WeightAverages:
+    """The averages (EMA / Polyak) of the trainable weights that an optimizer keeps.
+
+    Their variables are created through the optimizer (``add_variable_from_reference``), so
+    they are saved and restored with its checkpoints; `update` runs right after each noisy
+    logical step, inside the compiled train step, whatever optimizer is wrapped by
+    `dks.DPOptimizer`. Averaging reads only the released iterates: it is post-processing.
+
+    Example:
+        >>> averages = WeightAverages([AverageSpec("ema", "ema", decay=0.999)])
+        >>> averages.build(optimizer, model.trainable_variables)
+        >>> averages.update(optimizer.iterations, model.trainable_variables)
+    """
+
+    def __init__(self, specs: list[AverageSpec] = ()):
+        self.specs: list[AverageSpec] = list(specs)
+        self._state: dict[str, tuple[list, keras.Variable]] = {}
+
+    def to_config(self) -> list[dict]:
+        return [spec.to_config() for spec in self.specs]
+
+    def track(self, spec: AverageSpec, optimizer, var_list=None) -> None:
+        """Adds ``spec`` (idempotent); builds its variables now if ``var_list`` is given (the
+        optimizer is already built)."""
+        known = {s.name: s for s in self.specs}
+        if spec.name in known:
+            if known[spec.name] != spec:
+                raise ValueError(f"An average named '{spec.name}' is already tracked with other "
+                                 f"settings ({known[spec.name]}); give the new one another name.")
+            return
+        self.specs.append(spec)
+        if var_list is not None:
+            self._build(spec, optimizer, var_list)
+
+    def build(self, optimizer, var_list) -> None:
+        """Creates every average's variables (a copy of each weight and a step count)."""
+        for spec in self.specs:
+            self._build(spec, optimizer, var_list)
+
+    def _build(self, spec: AverageSpec, optimizer, var_list) -> None:
+        averages = []
+        for v in var_list:
+            with tf.init_scope():      # build may run while tracing the first train step
+                start = tf.identity(v.value)
+            averages.append(optimizer.add_variable_from_reference(
+                v, f"{spec.name}_average", initializer=lambda shape, dtype, start=start: start))
+        count = optimizer.add_variable(shape=(), dtype="int64", name=f"{spec.name}_count",
+                                       initializer="zeros")
+        self._state[spec.name] = (averages, count)
+
+    def variables(self, name: str = "ema") -> list:
+        """The averaged copies of the trainable weights kept under ``name``."""
+        if name not in self._state:
+            raise ValueError(f"No weight average named '{name}'; tracked: "
+                             f"{sorted(self._state) or 'none'}. Train with "
+                             "dks.callbacks.EMA(...) or Polyak(...) in the callbacks.")
+        return self._state[name][0]
+
+    def count(self, name: str = "ema") -> int:
+        """How many steps the average ``name`` has taken in (0 before ``start_step``)."""
+        self.variables(name)           # a clear error for an unknown name
+        return int(self._state[name][1].numpy())
+
+    def update(self, steps_done, variables) -> None:
+        """Moves every average towards ``variables`` after a step (``steps_done`` counts the
+        finished steps, so ``start_step`` compares against it)."""
+        for spec in self.specs:
+            averages, count = self._state[spec.name]
+            active = steps_done > spec.start_step
+            count.assign_add(tf.cast(active, tf.int64))
+            weight = tf.where(active, spec.weight_of_new_value(tf.maximum(count, 1)), 1.0)
+            for average, v in zip(averages, variables):
+                average.assign(average + tf.cast(weight, average.dtype) * (v - average))
 
 
 class WeightAveraging(keras.callbacks.Callback):
@@ -147,7 +223,8 @@ def averaged_weights(model: keras.Model, name: str = "ema") -> Iterator[None]:
     """
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or not hasattr(optimizer, "average_variables"):
-        raise ValueError("averaged_weights needs a model compiled with dks.DPSGD that trained "
+        raise ValueError("averaged_weights needs a model compiled with a dks.DPOptimizer "
+                         "(e.g. dks.DPSGD) that trained "
                          "with a dks.callbacks.EMA or Polyak callback.")
     averages = optimizer.average_variables(name)
     variables = model.trainable_variables

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from dp_keras_scale import _keras_compat
-from dp_keras_scale.averaging import AverageSpec
+from dp_keras_scale.averaging import AverageSpec, WeightAverages
 from dp_keras_scale.clipping import gaussian_noise, split_noise_seed
 from dp_keras_scale.ledger import PrivacyLedger, Segment
 
@@ -176,8 +176,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self.noise_seed = noise_seed
         self.ledger.update(0, expected_batch_size=self.expected_batch_size,
                            deterministic_noise=noise_seed is not None)
-        self._average_specs = [AverageSpec(**spec) for spec in weight_averages or []]
-        self._averages: dict[str, tuple[list, keras.Variable]] = {}
+        self.averages = WeightAverages([AverageSpec(**spec) for spec in weight_averages or []])
         self._dp_initialized = True
 
     @property
@@ -259,50 +258,18 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if self.dp_accumulation_steps > 1:
             self._accumulators = [self.add_variable_from_reference(v, "dp_accumulator")
                                   for v in var_list]
-        for spec in self._average_specs:
-            self._build_average(spec, var_list)
+        self.averages.build(self, var_list)
 
     # -- weight averages (EMA / Polyak): post-processing of the noisy iterates --------------
 
     def track_average(self, spec: AverageSpec) -> None:
         """Keeps the average ``spec`` of the trainable weights from now on (idempotent)."""
-        known = {s.name: s for s in self._average_specs}
-        if spec.name in known:
-            if known[spec.name] != spec:
-                raise ValueError(f"An average named '{spec.name}' is already tracked with other "
-                                 f"settings ({known[spec.name]}); give the new one another name.")
-            return
-        self._average_specs.append(spec)
-        if self.built:
-            self._build_average(spec, _keras_compat.optimizer_variables_trained(self))
-
-    def _build_average(self, spec: AverageSpec, var_list) -> None:
-        averages = []
-        for v in var_list:
-            with tf.init_scope():      # build may run while tracing the first train step
-                start = tf.identity(v.value)
-            averages.append(self.add_variable_from_reference(
-                v, f"{spec.name}_average", initializer=lambda shape, dtype, start=start: start))
-        count = self.add_variable(shape=(), dtype="int64", name=f"{spec.name}_count",
-                                  initializer="zeros")
-        self._averages[spec.name] = (averages, count)
+        self.averages.track(spec, self, _keras_compat.optimizer_variables_trained(self)
+                            if self.built else None)
 
     def average_variables(self, name: str = "ema") -> list:
         """The averaged copies of the trainable weights kept under ``name``."""
-        if name not in self._averages:
-            raise ValueError(f"No weight average named '{name}'; tracked: "
-                             f"{sorted(self._averages) or 'none'}. Train with "
-                             "dks.callbacks.EMA(...) or Polyak(...) in the callbacks.")
-        return self._averages[name][0]
-
-    def _update_averages(self, variables) -> None:
-        for spec in self._average_specs:
-            averages, count = self._averages[spec.name]
-            active = self.iterations > spec.start_step     # iterations counts finished steps
-            count.assign_add(tf.cast(active, tf.int64))
-            weight = tf.where(active, spec.weight_of_new_value(tf.maximum(count, 1)), 1.0)
-            for average, v in zip(averages, variables):
-                average.assign(average + tf.cast(weight, average.dtype) * (v - average))
+        return self.averages.variables(name)
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -421,7 +388,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         grads = [tf.cast(s, tf.float32) / normalizer for s in noisy_sums]
         grads = [tf.cast(g, v.dtype) for g, v in zip(grads, variables)]
         super().apply(grads, variables)  # the wrapped update, bypassing the guard above
-        self._update_averages(variables)
+        self.averages.update(self.iterations, variables)
 
     # The gradients handed to the wrapped update are already the global noisy average (all-reduced
     # in `apply_private`) and the update runs on each replica's own copy of the variables: the
@@ -439,7 +406,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
                       rescale_to_unit_norm=self.rescale_to_unit_norm,
                       gradient_accumulation_steps=self.dp_accumulation_steps,
                       expected_batch_size=self.expected_batch_size, noise_seed=self.noise_seed,
-                      weight_averages=[spec.to_config() for spec in self._average_specs])
+                      weight_averages=self.averages.to_config())
         return config
 
 

@@ -106,3 +106,24 @@ def test_refusals_are_clear():
     model = small_convnet()
     with pytest.raises(TypeError, match="dks.DPOptimizer"):
         model.compile(optimizer=keras.optimizers.Adam(), loss=xent())
+
+
+def test_weight_averages_work_whatever_optimizer_is_wrapped():
+    """EMA of a DP-Adam run equals the EMA recurrence applied to its iterates."""
+    model = _dp_model(OPTIMIZERS["adam"], noise_multiplier=0.0)
+    ema = dks.callbacks.EMA(0.9, warmup=False, use_for_validation=False)
+    x, y, mask = next(_batches(1))
+    iterates = [[v.numpy() for v in model.trainable_variables]]
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            iterates.append([v.numpy() for v in self.model.trainable_variables])
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(3)
+    model.fit(ds, epochs=2, verbose=0, callbacks=[ema, Record()])
+    expected = iterates[0]
+    for weights in iterates[1:]:
+        expected = [0.9 * e + 0.1 * w for e, w in zip(expected, weights)]
+    assert model.optimizer.averages.count("ema") == 4
+    for average, e in zip(model.optimizer.average_variables("ema"), expected):
+        np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-7)
