@@ -114,6 +114,14 @@ class DPScaleModel(keras.Model):
                 f"or one wrapped in dks.DPOptimizer(...), got {optimizer!r}. For non-private "
                 "training use a plain keras.Model.")
         check_per_example_layers(self)
+        if self.dtype_policy.name == "mixed_float16":
+            raise ValueError(
+                "The mixed_float16 policy needs loss scaling (Keras would wrap the optimizer in a "
+                "LossScaleOptimizer that scales the batch loss), and float16 per-example "
+                "gradients can underflow before clipping. Use "
+                "keras.mixed_precision.set_global_policy('mixed_bfloat16') instead: bfloat16 "
+                "has float32's range, so DP training needs no loss scaling (variables, clipping "
+                "and noise stay float32).")
         previous = getattr(self, "optimizer", None)
         super().compile(optimizer, *args, **kwargs)
         if isinstance(previous, DPOptimizer) and previous is not optimizer:

@@ -127,3 +127,37 @@ def test_weight_averages_work_whatever_optimizer_is_wrapped():
     assert model.optimizer.averages.count("ema") == 4
     for average, e in zip(model.optimizer.average_variables("ema"), expected):
         np.testing.assert_allclose(average.numpy(), e, rtol=1e-5, atol=1e-7)
+
+
+def _mixed_model(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+        h = keras.layers.GroupNormalization(2)(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        return dks.DPScaleModel(inputs, keras.layers.Dense(3, dtype="float32")(h))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_mixed_bfloat16_trains_with_float32_variables_and_float16_is_refused():
+    x, y, mask = next(_batches(1))
+    x = x[:, 0]
+    updates = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        model = _mixed_model(policy)
+        model.compile(optimizer=dks.DPSGD(0.5, l2_norm_clip=CLIP, noise_multiplier=0.0,
+                                          expected_batch_size=EXPECTED), loss=xent())
+        before = [v.numpy() for v in model.trainable_variables]
+        model.train_on_batch(x, y, sample_weight=mask)
+        assert all(v.dtype == "float32" for v in model.trainable_variables)
+        updates[policy] = np.concatenate([(v.numpy() - b).ravel() for v, b in
+                                          zip(model.trainable_variables, before)])
+    # bfloat16 compute: the same update up to bfloat16 rounding (8 bits of mantissa).
+    np.testing.assert_allclose(updates["mixed_bfloat16"], updates["float32"],
+                               atol=0.05 * np.abs(updates["float32"]).max())
+    model = _mixed_model("mixed_float16")
+    with pytest.raises(ValueError, match="mixed_bfloat16"):
+        model.compile(optimizer=dks.DPSGD(0.5, noise_multiplier=1.0), loss=xent())
