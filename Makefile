@@ -27,7 +27,9 @@ test: $(STAMP) $(DATA_STAMP)
 	$(PY) -m pytest -q tests
 
 # DP-trains the Fashion-MNIST CPU config; leaves runs/demo (metrics, plots, privacy statement).
+# Each demo starts afresh (train refuses to overwrite a finished run directory).
 demo: $(STAMP) $(DATA_STAMP)
+	@rm -rf runs/demo
 	$(VENV)/bin/dp-keras-scale train --config fashion_mnist_cpu --out runs/demo
 
 bench: bench-throughput
