@@ -24,11 +24,11 @@ import os
 import shutil
 import sys
 
-from dp_keras_scale import _quiet
+from dp_keras_scale import _quiet, runs
 from dp_keras_scale.config import (ConfigError, bundled_configs, check_complete, describe,
                                    load_config)
-
-RUN_FILES = ("config.toml", "summary.json", "model.keras")    # what marks a run directory
+# Run-directory names the command has always offered (runs.py imports no TensorFlow).
+from dp_keras_scale.runs import MIN_FALSE_POSITIVES, RUN_FILES, supported_fprs  # noqa: F401
 
 TRAIN_HELP = """Trains a config with DP-SGD and writes a run directory: config.toml (resolved),
 metrics.csv/json per epoch (loss, test accuracy, EMA test accuracy, epsilon), privacy.txt/json
@@ -162,45 +162,9 @@ def _remove_if_only_config(out: str, existed: bool) -> None:
         shutil.rmtree(out)
 
 
-def _check_run_dir(run_dir: str) -> None:
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a directory; give a run directory written "
-                                "by `dp-keras-scale train --out DIR`.")
-    if not os.path.exists(os.path.join(run_dir, "config.toml")):
-        raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.toml); "
-                                "give the --out directory of `dp-keras-scale train`.")
-
-
-def _load_run(run_dir: str, weights: str, verbose: bool):
-    """The run's config, saved model (final or EMA weights) and data."""
-    _check_run_dir(run_dir)
-    config = load_config(os.path.join(run_dir, "config.toml"))
-    path = os.path.join(run_dir, "ema_model.keras" if weights == "ema" else "model.keras")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist" + (
-            " (the run kept no EMA: training.ema_decay was 0)" if weights == "ema" else
-            " (the run has not finished: resume it with the same `dp-keras-scale train` "
-            "command)"))
-    with _quiet.importing(verbose):
-        import keras
-
-        from dp_keras_scale import experiment, finetune
-    # A fine-tuned model may reload its SavedModel / TF-Hub backbone: only the one its own
-    # config names is trusted (Keras safe mode still refuses anything else).
-    source = config["finetune"]["source"]
-    with finetune.trusted_sources(*([source] if source else [])):
-        model = keras.models.load_model(path)
-    if not model.compiled:      # a run directory holds the uncompiled release model
-        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
-    return config, model, experiment._load_data(config)
-
-
 def _evaluate(args) -> None:
-    _, model, (_, _, x_test, y_test) = _load_run(args.run_dir, args.weights, args.verbose)
-    result = model.evaluate(x_test, y_test, batch_size=1000, verbose=0, return_dict=True)
-    print(json.dumps({"run_dir": args.run_dir, "weights": args.weights,
-                      "test_examples": len(x_test), **result}, indent=1))
+    result = runs.evaluate_run(args.run_dir, args.weights, quiet_import=not args.verbose)
+    print(json.dumps(result, indent=1))
 
 
 def _epsilon(args) -> None:
@@ -260,51 +224,9 @@ def _report(args) -> None:
     print(f"plot: {plots.accuracy_vs_epsilon(summaries, args.out)}")
 
 
-# TPR at FPR f is reported only if at least this many false positives are possible (n * f):
-# with fewer non-members the rate is not measured, only guessed from a handful of examples.
-MIN_FALSE_POSITIVES = 10
-
-
-def supported_fprs(fprs, non_members: int) -> tuple[list[float], list[float]]:
-    """Splits false-positive rates into (measurable, not measurable) with `non_members`.
-
-    Example:
-        >>> supported_fprs([0.001, 0.01], 500)
-        ([], [0.001, 0.01])
-    """
-    fprs = sorted(fprs)
-    good = [f for f in fprs if non_members * f >= MIN_FALSE_POSITIVES]
-    return good, [f for f in fprs if f not in good]
-
-
 def _audit(args) -> None:
-    if args.examples < 1:
-        raise ConfigError(f"--examples must be at least 1, got {args.examples}.")
-    _check_run_dir(args.run_dir)
-    if not os.path.exists(os.path.join(args.run_dir, "summary.json")):
-        raise FileNotFoundError(f"{args.run_dir} has no summary.json: the run has not "
-                                "finished (resume it with the same `dp-keras-scale train` "
-                                "command).")
-    _, model, (x, y, x_test, y_test) = _load_run(args.run_dir, args.weights, args.verbose)
-    from dp_keras_scale import audit
-    n = min(args.examples, len(x), len(x_test))
-    good, dropped = supported_fprs(audit.FPR_TARGETS, n)
-    result = audit.membership_inference(model, (x[:n], y[:n]), (x_test[:n], y_test[:n]),
-                                        fpr_targets=good)
-    with open(os.path.join(args.run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    report = {"run_dir": args.run_dir, "weights": args.weights, "attack": "loss",
-              "members": n, "non_members": n, "auc": result.auc,
-              "tpr_at_fpr": {str(k): v for k, v in result.tpr_at_fpr.items()},
-              "accounted_epsilon": summary["epsilon"], "delta": summary["delta"]}
-    if dropped:
-        report["not_measured"] = {
-            str(f): f"TPR at FPR {f:g} needs at least {math.ceil(MIN_FALSE_POSITIVES / f)} "
-                    f"non-members ({MIN_FALSE_POSITIVES} possible false positives); "
-                    f"this audit used {n} (--examples)" for f in dropped}
-    with open(os.path.join(args.run_dir, "audit.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    audit.plot_roc({"loss attack": result}, os.path.join(args.run_dir, "audit_roc.png"))
+    report = runs.audit_run(args.run_dir, args.weights, args.examples,
+                            quiet_import=not args.verbose)
     print(json.dumps(report, indent=1))
 
 
