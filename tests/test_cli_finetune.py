@@ -215,7 +215,7 @@ def test_all_layers_run_resizes_gray_images_and_trains_the_backbone(backbones, f
     (["finetune.source=x.keras", "finetune.feature_layer=pool"],
      r"feature_layer.*classifier = \"add\""),
     (["finetune.source=x.keras", "finetune.mode=last_layer"],
-     r"finetune\.mode = 'last_layer' is not valid; choose one of all_layers, classifier_only"),
+     r"finetune\.mode = \"last_layer\" is not valid; choose one of all_layers, classifier_only"),
     (["finetune.source=x.keras", "finetune.pixel_range=0-2"], r"choose one of auto, 0-255, 0-1"),
     (["finetune.source=x.keras", "finetune.image_size=-2"], r"finetune\.image_size must be >= 0"),
 ])
