@@ -25,6 +25,7 @@ import shutil
 import sys
 
 from dp_keras_scale import _quiet, runs
+from dp_keras_scale.options import ACCOUNTANTS, SAMPLINGS
 from dp_keras_scale.config import (ConfigError, bundled_configs, check_complete, describe,
                                    load_config)
 # Run-directory names the command has always offered (runs.py imports no TensorFlow).
@@ -96,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     eps.add_argument("--epochs", type=float, help="instead of --steps (needs --dataset-size)")
     eps.add_argument("--delta", type=float, required=True)
     eps.add_argument("--clip", type=float, default=1.0, help="l2 clip norm (for the statement)")
-    eps.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
-    eps.add_argument("--sampling", choices=["poisson", "fixed"], default="poisson")
+    eps.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+    eps.add_argument("--sampling", choices=SAMPLINGS, default="poisson")
 
     report = command(
         "report", "compare runs: table + accuracy-vs-epsilon PNG",
