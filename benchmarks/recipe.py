@@ -1,0 +1,585 @@
+"""The paper's recipe end to end on MNIST / Fashion-MNIST, split by claim (issue 17).
+
+    python benchmarks/recipe.py --part batch_budget        # batch size x compute budget
+    python benchmarks/recipe.py --part augmult --batch-sizes 1024 --epochs 4
+    python benchmarks/recipe.py --part scale --models small_cnn,wrn10_1,wrn16_1
+    python benchmarks/recipe.py --part throughput          # DP / non-private images/s
+    python benchmarks/recipe.py --part batch_budget --no-privacy --lrs 0.1,0.3,1
+    python benchmarks/recipe.py --quick                    # a minutes-long check of everything
+
+Every run is from scratch, learned from pixels (no pre-trained backbone, no ScatterNet), on the
+full training set (`--train-subset` only for checks) at (`--epsilon`, `--delta`) = (3, 1e-5):
+Poisson batches of the expected size B (`dks.data.BatchSampler`), sigma calibrated per run by
+`dks.accounting.calibrate_noise_multiplier` for that run's (q = B / N, steps), `dks.DPSGD`
+with clip 1 and rescale-to-unit-norm, `dks.callbacks.EMA` (post-processing: its accuracy is
+reported beside the final weights' for every run) and `dks.callbacks.PrivacyBudget`, which
+checks the spent epsilon. A row is one setting (part, model, B, epochs, K, privacy, seed); it
+runs once per learning rate of `--lrs` and the pick (best test accuracy of the final or EMA
+weights; the grid is small and the tuning itself is not accounted, as in the paper) is
+written with the grid. Each run records a test-accuracy curve (final and EMA weights, on the
+first 2000 test examples, about 12 points from step 0; the last point on the whole test set)
+and, at the end, the accuracy on the first 10000 training examples next to the test accuracy.
+
+Parts (`--part`):
+- ``batch_budget``: for each B of `--batch-sizes`, each budget of `--epochs` (the same epsilon,
+  sigma recalibrated each time). Claims: at a fixed B accuracy peaks at an intermediate
+  budget; the best budget grows with B; the best accuracy rises with B.
+- ``augmult``: K of `--augmult` (1 = one augmented copy) at one (B, epochs): reflect-pad 2 +
+  random crop (+ flip on Fashion-MNIST), same steps and sigma for every K.
+- ``scale``: the small CNN against WS/GroupNorm Wide-ResNets (`--models`: small_cnn,
+  wrnD_W with D = 6n+4) at one (B, epochs).
+- ``throughput``: images/s of one DP step (`DPScaleModel` + `DPSGD`, the study's micro-batch)
+  against a plain Keras step of the same network on the same images.
+
+`--no-privacy`: sigma = 0 and clip 1e6 without rescaling (plain mini-batch SGD through the same
+DP code path; its own learning-rate grid), to separate optimisation from privacy.
+
+Results: ``benchmarks/results/recipe.json`` (every run, appended as it finishes; a re-run
+skips the runs already there, so a stopped study resumes), ``recipe.md`` and one PNG per part
+(``recipe_<part>.png``: accuracy against the varied quantity, the range of the seeds as error
+bars). `--results DIR` writes them elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PARTS = ("batch_budget", "augmult", "scale", "throughput")
+CURVE_POINTS = 12
+CURVE_TEST_EXAMPLES = 2000
+TRAIN_EVAL_EXAMPLES = 10000
+NO_PRIVACY_CLIP = 1e6
+DEFAULTS = {  # part -> option defaults (full study); see --help
+    "batch_budget": {"batch_sizes": "256,1024,4096", "epochs": "1,2,4,8,16"},
+    "augmult": {"batch_sizes": "1024", "epochs": "4", "augmult": "1,2,4,8"},
+    "scale": {"batch_sizes": "1024", "epochs": "4", "models": "small_cnn,wrn10_1,wrn16_1"},
+    "throughput": {"batch_sizes": "256", "epochs": "1"},
+}
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+def build_model(name: str, dataset: str, shape, private: bool = True):
+    """``small_cnn`` (the library's, widths 16-32-32-64) or ``wrnD_W`` (WS + GroupNorm
+    pre-activation Wide-ResNet), taking uint8-range pixels; standardized with the published
+    per-dataset constants."""
+    import keras
+    import numpy as np
+
+    import dp_keras_scale as dks
+    from dp_keras_scale.experiment import PIXEL_MEAN_STD
+
+    mean, std = PIXEL_MEAN_STD[dataset]
+    model_class = dks.DPScaleModel if private else keras.Model
+    if name == "small_cnn":
+        return dks.models.small_cnn(shape, 10, mean=mean, std=std, model_class=model_class)
+    if not name.startswith("wrn"):
+        raise ValueError(f"unknown model {name!r}: small_cnn or wrnD_W (e.g. wrn10_1)")
+    depth, width = (int(v) for v in name[3:].split("_"))
+    body = dks.models.wide_resnet(depth, width, 10, groups=min(16, 16 * width // 2) or None,
+                                  input_shape=shape, model_class=keras.Model)
+    inputs = keras.Input(shape, name="images")
+    scaled = keras.layers.Rescaling(1 / 255.0)(inputs)
+    h = keras.layers.Normalization(mean=mean, variance=np.square(std), name="standardize")(scaled)
+    return model_class(inputs, body(h), name=body.name)
+
+
+def load_data(dataset: str, train_subset: int, test_subset: int):
+    import dp_keras_scale as dks
+
+    x, y = dks.data.load(dataset, "train")
+    x_test, y_test = dks.data.load(dataset, "test")
+    if train_subset:
+        x, y = x[:train_subset], y[:train_subset]
+    if test_subset:
+        x_test, y_test = x_test[:test_subset], y_test[:test_subset]
+    return x, y, x_test, y_test
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_one(spec: dict, data, args) -> dict:
+    """Trains one (row, learning rate) and returns its record (curve, accuracies, privacy)."""
+    import keras
+
+    import dp_keras_scale as dks
+
+    x, y, x_test, y_test = data
+    n, batch, seed = len(x), spec["batch_size"], spec["seed"]
+    keras.utils.set_random_seed(seed)
+    sampler = dks.data.BatchSampler(n, batch, microbatch_size=max(1, args.microbatch // max(
+        1, spec["augmult"])), seed=seed)
+    q = batch / n
+    steps = max(1, math.ceil(spec["epochs"] * n / batch))
+    private = not spec["no_privacy"]
+    sigma = (dks.accounting.calibrate_noise_multiplier(args.epsilon, q, steps, args.delta,
+                                                       dataset_size=n) if private else 0.0)
+    model = build_model(spec["model"], args.dataset, x.shape[1:])
+    model.clipping_method = args.clipping
+    optimizer = dks.DPSGD(spec["learning_rate"],
+                          l2_norm_clip=1.0 if private else NO_PRIVACY_CLIP,
+                          noise_multiplier=sigma, rescale_to_unit_norm=private,
+                          gradient_accumulation_steps=sampler.accumulation_steps,
+                          expected_batch_size=sampler.expected_batch_size)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=args.jit)
+    fit_callbacks = [dks.callbacks.EMA(args.ema_decay, use_for_validation=False)]
+    budget = None
+    if private:
+        budget = dks.callbacks.PrivacyBudget(delta=args.delta, sampling_rate=q, dataset_size=n,
+                                             target_epsilon=args.epsilon, planned_steps=steps)
+        fit_callbacks.append(budget)
+    curve = Curve(x, y, x_test, y_test, steps, args.verbose, args.curve_points)
+    fit_callbacks.append(curve)
+    map_fn = (dks.data.augmult_map(spec["augmult"], pad=2, flip=args.dataset != "mnist",
+                                   seed=seed) if spec["augmult"] else None)
+    start = time.time()
+    model.fit(sampler.dataset(x, y, map_fn=map_fn), epochs=1,
+              steps_per_epoch=steps * sampler.accumulation_steps, callbacks=fit_callbacks,
+              verbose=0, shuffle=False)
+    wall = time.time() - start
+    done = int(optimizer.iterations)
+    final = curve.evaluate(model, full=True)
+    return {**spec, "steps": done, "planned_steps": steps, "sampling_rate": q,
+            "noise_multiplier": sigma, "epsilon": budget.epsilon_now if budget else math.inf,
+            "microbatch_size": sampler.microbatch_size,
+            "accumulation_steps": sampler.accumulation_steps,
+            "test_accuracy": final["test"], "ema_test_accuracy": final["ema_test"],
+            "train_accuracy": final["train"], "ema_train_accuracy": final["ema_train"],
+            "best": max(final["test"], final["ema_test"]),
+            "curve": curve.rows, "wall_time_s": round(wall, 1),
+            "examples_per_s": round(done * batch * max(1, spec["augmult"]) / wall, 1)}
+
+
+class Curve:
+    """Test (and train) accuracy of the final and EMA weights at about `CURVE_POINTS` steps."""
+
+    def __new__(cls, *args, **kwargs):
+        import keras
+
+        class _Curve(keras.callbacks.Callback):
+            def __init__(self, x, y, x_test, y_test, steps, verbose, points=CURVE_POINTS):
+                super().__init__()
+                self.x, self.y, self.x_test, self.y_test = x, y, x_test, y_test
+                every = max(1, math.ceil(steps / points))
+                self.points = set(range(0, steps, every))      # the last step: at the end
+                self.verbose, self.rows, self.start = verbose, [], time.time()
+
+            def evaluate(self, model, full: bool) -> dict:
+                import dp_keras_scale as dks
+
+                m = CURVE_TEST_EXAMPLES if not full else len(self.x_test)
+                t = CURVE_TEST_EXAMPLES if not full else TRAIN_EVAL_EXAMPLES
+                sets = {"test": (self.x_test[:m], self.y_test[:m]),
+                        "train": (self.x[:t], self.y[:t])}
+                out = {}
+                for prefix, weights in (("", None), ("ema_", "ema")):
+                    for key, (xs, ys) in sets.items():
+                        if weights:
+                            with dks.callbacks.averaged_weights(model, weights):
+                                acc = _accuracy(model, xs, ys)
+                        else:
+                            acc = _accuracy(model, xs, ys)
+                        out[prefix + key] = acc
+                step = int(model.optimizer.iterations)
+                self.rows.append({"step": step, "test_accuracy": out["test"],
+                                  "ema_test_accuracy": out["ema_test"],
+                                  "train_accuracy": out["train"],
+                                  "ema_train_accuracy": out["ema_train"],
+                                  "test_examples": m, "seconds": round(time.time() - self.start,
+                                                                       1)})
+                if self.verbose:
+                    print(f"    step {step:5d}  test {out['test']:.4f}  ema {out['ema_test']:.4f}"
+                          f"  train {out['train']:.4f}  {time.time() - self.start:.0f} s",
+                          flush=True)
+                return out
+
+            def on_train_begin(self, logs=None):
+                self.evaluate(self.model, full=False)
+
+            def on_train_batch_end(self, batch, logs=None):
+                step = int(self.model.optimizer.iterations)
+                if step in self.points and not any(r["step"] == step for r in self.rows):
+                    self.evaluate(self.model, full=False)
+
+        return _Curve(*args, **kwargs)
+
+
+def _accuracy(model, x, y) -> float:
+    import numpy as np
+
+    logits = model.predict(x, batch_size=1000, verbose=0)
+    return float(np.mean(np.argmax(logits, -1) == y))
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def throughput(args) -> list[dict]:
+    """Images/s of a DP step (DPScaleModel + DPSGD, masked micro-batch of the study's size)
+    and of a plain Keras step (keras.Model + SGD) of the same network on the same images,
+    median of `--timing-steps` after two warm-up steps; alternated over `--timing-rounds`."""
+    import keras
+    import numpy as np
+
+    import dp_keras_scale as dks
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in args.models.split(","):
+        for rnd in range(args.timing_rounds):
+            for method in args.methods.split(","):
+                b = args.microbatch
+                shape = (28, 28, 1)
+                x = (rng.random((b, *shape)) * 255).astype("float32")
+                y = rng.integers(0, 10, b)
+                keras.utils.set_random_seed(0)
+                private = method != "nonprivate"
+                model = build_model(name, args.dataset, shape, private=private)
+                if private:     # dp_reference / dp_auto: DPScaleModel.clipping_method
+                    model.clipping_method = method.removeprefix("dp_")
+                opt = (dks.DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0,
+                                 expected_batch_size=b) if private
+                       else keras.optimizers.SGD(0.1))
+                model.compile(optimizer=opt, jit_compile=args.jit,
+                              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                for _ in range(2):
+                    model.train_on_batch(x, y)
+                times = []
+                for _ in range(args.timing_steps):
+                    start = time.perf_counter()
+                    model.train_on_batch(x, y)
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
+                rows.append({"part": "throughput", "model": name, "method": method,
+                             "round": rnd, "jit": args.jit, "batch": b, "seconds_per_step": seconds,
+                             "images_per_s": b / seconds,
+                             "load_average": os.getloadavg()[0]})
+                print(f"{name:10s} {method:10s} round {rnd}  {b / seconds:8.0f} img/s  "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def specs(args) -> list[dict]:
+    """Every (row, learning rate) of the part, in the order they run."""
+    out = []
+    lrs = [float(v) for v in args.lrs.split(",")]
+    models = args.models.split(",") if args.part == "scale" else [args.model]
+    ks = [int(v) for v in args.augmult.split(",")] if args.part == "augmult" else [0]
+    for seed in range(args.seeds):
+        for model in models:
+            for batch in (int(v) for v in args.batch_sizes.split(",")):
+                for epochs in (float(v) for v in args.epochs.split(",")):
+                    for k in ks:
+                        for lr in lrs:
+                            out.append({"part": args.part, "dataset": args.dataset,
+                                        "model": model, "batch_size": batch, "epochs": epochs,
+                                        "augmult": k, "no_privacy": args.no_privacy,
+                                        "seed": seed, "learning_rate": lr,
+                                        "target_epsilon": args.epsilon, "delta": args.delta,
+                                        "train_examples": args.train_n,
+                                        "ema_decay": args.ema_decay})
+    return out
+
+
+ROW_KEYS = ("part", "dataset", "model", "batch_size", "epochs", "augmult", "no_privacy",
+            "seed", "train_examples", "target_epsilon")
+RUN_KEYS = ROW_KEYS + ("learning_rate", "ema_decay")
+
+
+def key(record: dict, keys=RUN_KEYS) -> tuple:
+    return tuple(record.get(k) for k in keys)
+
+
+def rows_of(runs: list[dict]) -> list[dict]:
+    """Groups runs into rows; each row keeps its grid and picks the best learning rate."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r.get("part") != "throughput":
+            groups.setdefault(key(r, ROW_KEYS), []).append(r)
+    rows = []
+    for group in groups.values():
+        pick = max(group, key=lambda r: r["best"])
+        rows.append({**{k: pick[k] for k in ROW_KEYS}, "lr_grid": sorted(
+            r["learning_rate"] for r in group), "lr_pick": pick["learning_rate"],
+            "pick": pick, "lr_results": {str(r["learning_rate"]): round(r["best"], 4)
+                                         for r in group}})
+    return rows
+
+
+def load_results(path: pathlib.Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": [], "throughput": []}
+
+
+def save_results(results: dict, out: pathlib.Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / f"{name}.json")
+    write_report(results, out, name)
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return _pct(values[0])
+    return f"{_pct(statistics.median(values))} ({_pct(min(values))}-{_pct(max(values))})"
+
+
+def write_report(results: dict, out: pathlib.Path, name: str) -> None:
+    rows = rows_of(results["runs"])
+    lines = [f"# The paper's recipe on MNIST / Fashion-MNIST ({name})", "",
+             "Written by `benchmarks/recipe.py` (see its docstring). Every row: from scratch, "
+             "Poisson batches of expected size B, sigma calibrated for the row's (q, steps) at "
+             "the target epsilon; the learning rate is picked from the grid by the best test "
+             "accuracy of the final or EMA weights. Accuracies in %; train = first 10000 "
+             "training examples. `no noise`: sigma = 0, clip 1e6 (plain SGD).", ""]
+    for part in PARTS[:3]:
+        part_rows = [r for r in rows if r["part"] == part]
+        if not part_rows:
+            continue
+        lines += [f"## {part}", "",
+                  "| dataset | model | privacy | B | epochs | K | seed | steps | sigma | eps "
+                  "| lr grid: best acc | pick | test final | test EMA | train final "
+                  "| train EMA | s |", "|" + "---|" * 17]
+        for r in sorted(part_rows, key=lambda r: (r["dataset"], r["no_privacy"], r["model"],
+                                                   r["batch_size"], r["augmult"],
+                                                   r["epochs"], r["seed"])):
+            p = r["pick"]
+            grid = ", ".join(f"{lr}: {_pct(a)}" for lr, a in r["lr_results"].items())
+            lines.append(
+                f"| {r['dataset']} | {r['model']} | {'no noise' if r['no_privacy'] else 'DP'} "
+                f"| {r['batch_size']} | {r['epochs']:g} | {r['augmult']} | {r['seed']} "
+                f"| {p['steps']} | {p['noise_multiplier']:.3f} | {p['epsilon']:.2f} | {grid} "
+                f"| {r['lr_pick']:g} | {_pct(p['test_accuracy'])} "
+                f"| {_pct(p['ema_test_accuracy'])} | {_pct(p['train_accuracy'])} "
+                f"| {_pct(p['ema_train_accuracy'])} | {p['wall_time_s']:.0f} |")
+        lines.append("")
+        if part == "batch_budget":
+            lines += ["Best budget per batch size (median over seeds of the best of final/EMA "
+                      "accuracy):", "", "| dataset | privacy | B | best epochs | best acc "
+                      "(seed range) |", "|---|---|---|---|---|"]
+            for (ds, nopriv, b), group in _by(part_rows, ("dataset", "no_privacy",
+                                                          "batch_size")).items():
+                by_epochs = _by(group, ("epochs",))
+                med = {e: statistics.median(r["pick"]["best"] for r in g)
+                       for (e,), g in by_epochs.items()}
+                best = max(med, key=med.get)
+                lines.append(f"| {ds} | {'no noise' if nopriv else 'DP'} | {b} | {best:g} | "
+                             f"{_spread([r['pick']['best'] for r in by_epochs[(best,)]])} |")
+            lines.append("")
+        plot_part(part, part_rows, out / f"{name}_{part}.png")
+        lines += [f"![{part}]({name}_{part}.png)", ""]
+    tp = results.get("throughput", [])
+    if tp:
+        lines += ["## throughput (DP step / non-private Keras step, same network and images)",
+                  "", "| model | micro-batch | XLA | DP clipping_method | non-private img/s "
+                  "| DP img/s | DP / non-private (rounds) |", "|---|---|---|---|---|---|---|"]
+        for (model, batch, jit), group in _by(tp, ("model", "batch", "jit")).items():
+            np_ = {r["round"]: r["images_per_s"] for r in group if r["method"] == "nonprivate"}
+            for method in sorted({r["method"] for r in group} - {"nonprivate"}):
+                dp = {r["round"]: r["images_per_s"] for r in group if r["method"] == method}
+                ratios = [dp[k] / np_[k] for k in dp if k in np_]
+                if not ratios:
+                    continue
+                lines.append(f"| {model} | {batch} | {'on' if jit else 'off'} | {method} | "
+                             f"{statistics.median(np_.values()):.0f} | "
+                             f"{statistics.median(dp.values()):.0f} | "
+                             f"{statistics.median(ratios):.2f} "
+                             f"({', '.join(f'{v:.2f}' for v in ratios)}) |")
+        lines.append("")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _by(rows: list[dict], keys: tuple) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0]))
+
+
+def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
+    """Best-of-grid accuracy against the part's varied quantity: one line per setting
+    (EMA solid, final weights dashed), median over seeds with the seed range as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, line_keys = {"batch_budget": ("epochs", ("dataset", "no_privacy", "batch_size")),
+                        "augmult": ("augmult", ("dataset", "no_privacy", "batch_size")),
+                        "scale": ("model", ("dataset", "no_privacy", "batch_size"))}[part]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, group) in enumerate(_by(rows, line_keys).items()):
+        color = f"C{i % 10}"
+        xs = sorted({r[x_key] for r in group}, key=lambda v: (str(type(v)), v))
+        for weights, style in (("ema_test_accuracy", "-o"), ("test_accuracy", "--x")):
+            meds, lows, highs = [], [], []
+            for xv in xs:
+                values = [100 * r["pick"][weights] for r in group if r[x_key] == xv]
+                meds.append(statistics.median(values))
+                lows.append(meds[-1] - min(values))
+                highs.append(max(values) - meds[-1])
+            positions = xs if part != "scale" else list(range(len(xs)))
+            name = f"{label[0]} {'no noise' if label[1] else 'DP'} B={label[2]}"
+            ax.errorbar(positions, meds, yerr=[lows, highs], fmt=style, color=color,
+                        capsize=3, label=f"{name} ({'EMA' if 'ema' in weights else 'final'})")
+        if part == "scale":
+            ax.set_xticks(range(len(xs)), xs)
+    if part == "batch_budget":
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epochs (compute budget) at the same epsilon")
+    else:
+        ax.set_xlabel({"augmult": "augmentation multiplicity K", "scale": "model"}[part])
+    ax.set_ylabel("test accuracy (%), best lr of the grid")
+    ax.set_title(f"{part}: median over seeds, bars = seed range")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=PARTS, default=None,
+                        help="which claim to run (default batch_budget; --quick runs all)")
+    parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--batch-sizes", default=None, help="expected batch sizes, comma list")
+    parser.add_argument("--epochs", default=None, help="compute budgets (epochs), comma list")
+    parser.add_argument("--augmult", default=None, help="K values for --part augmult")
+    parser.add_argument("--models", default=None, help="models for --part scale/throughput")
+    parser.add_argument("--model", default="small_cnn", help="model of the other parts")
+    parser.add_argument("--lrs", default=None,
+                        help="learning-rate grid (default 2,4,8 with DP; 0.1,0.3,1 without)")
+    parser.add_argument("--no-privacy", action="store_true",
+                        help="sigma = 0 and clip 1e6 without rescaling (diagnosis rows)")
+    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--microbatch", type=int, default=256,
+                        help="examples x copies per micro-batch (memory / speed)")
+    parser.add_argument("--no-jit", dest="jit", action="store_false")
+    parser.add_argument("--train-subset", type=int, default=0)
+    parser.add_argument("--test-subset", type=int, default=0)
+    parser.add_argument("--clipping", default="reference", choices=["reference", "auto"],
+                        help="DPScaleModel.clipping_method of the study's runs (reference: "
+                             "under XLA the default batched path recompiled every step here)")
+    parser.add_argument("--methods", default="nonprivate,dp_reference,dp_auto",
+                        help="--part throughput: steps to time")
+    parser.add_argument("--curve-points", type=int, default=CURVE_POINTS,
+                        help="evaluation points of each run's curve besides the last step")
+    parser.add_argument("--timing-steps", type=int, default=5)
+    parser.add_argument("--timing-rounds", type=int, default=2)
+    parser.add_argument("--results", default=str(RESULTS), help="output directory")
+    parser.add_argument("--name", default="recipe", help="results file stem")
+    parser.add_argument("--quick", action="store_true",
+                        help="minutes-long check: 1000 training / 300 test examples, tiny "
+                             "budgets, every part once")
+    parser.add_argument("--report-only", action="store_true",
+                        help="regenerate NAME.md and the plots from NAME.json, run nothing")
+    parser.add_argument("--quick-parts", default="",
+                        help="with --quick: only these parts (comma list; default all)")
+    parser.add_argument("--verbose", type=int, default=1)
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.results)
+    path = out / f"{args.name}.json"
+    results = load_results(path)
+    if args.report_only:
+        write_report(results, out, args.name)
+        return
+    if args.quick:
+        if args.name == "recipe":       # a check never mixes into the study's results
+            args.name = "recipe_quick"
+            results = load_results(out / f"{args.name}.json")
+        quick(args, results, out)
+        return
+    args.part = args.part or "batch_budget"
+    for option, value in DEFAULTS[args.part].items():
+        if getattr(args, option) is None:
+            setattr(args, option, value)
+    args.models = args.models or "small_cnn"
+    args.augmult = args.augmult or "0"
+    args.lrs = args.lrs or ("0.1,0.3,1" if args.no_privacy else "2,4,8")
+    run_part(args, results, out)
+
+
+def run_part(args, results: dict, out: pathlib.Path) -> None:
+    import dp_keras_scale  # noqa: F401  (TensorFlow, Keras classes)
+
+    if args.part == "throughput":
+        results.setdefault("throughput", []).extend(throughput(args))
+        save_results(results, out, args.name)
+        return
+    data = load_data(args.dataset, args.train_subset, args.test_subset)
+    args.train_n = len(data[0])
+    done = {key(r) for r in results["runs"]}
+    # cheapest budgets first (all batch sizes), so a stopped study has complete columns
+    todo = sorted((s for s in specs(args) if key(s) not in done),
+                  key=lambda s: (s["seed"], s["epochs"] * max(1, s["augmult"])))
+    print(f"{args.part}: {len(todo)} run(s) to do ({len(done)} in {out / args.name}.json)",
+          flush=True)
+    for spec in todo:
+        print(f"  {spec['model']} B={spec['batch_size']} epochs={spec['epochs']:g} "
+              f"K={spec['augmult']} lr={spec['learning_rate']:g} seed={spec['seed']}"
+              f"{' no-noise' if spec['no_privacy'] else ''}", flush=True)
+        record = run_one(spec, data, args)
+        print(f"  -> test {record['test_accuracy']:.4f} ema {record['ema_test_accuracy']:.4f} "
+              f"train {record['train_accuracy']:.4f} sigma {record['noise_multiplier']:.3f} "
+              f"eps {record['epsilon']:.3f} steps {record['steps']} "
+              f"{record['wall_time_s']:.0f} s", flush=True)
+        results["runs"].append(record)
+        save_results(results, out, args.name)   # after every run: a stopped study keeps it
+
+
+def quick(args, results: dict, out: pathlib.Path) -> None:
+    """Every part once on 1000 training / 300 test examples (a check, not a result)."""
+    common = dict(dataset=args.dataset, epsilon=args.epsilon, delta=args.delta, seeds=1,
+                  model="small_cnn", no_privacy=False, ema_decay=args.ema_decay,
+                  microbatch=64, jit=args.jit, train_subset=args.train_subset or 1000,
+                  test_subset=args.test_subset or 300, verbose=args.verbose, curve_points=3,
+                  timing_steps=2, timing_rounds=1, name=args.name, clipping=args.clipping,
+                  methods="nonprivate,dp_reference")
+    plans = [dict(part="batch_budget", batch_sizes="64,128", epochs="0.5", lrs="4",
+                  augmult="0", models="small_cnn"),
+             dict(part="batch_budget", batch_sizes="128", epochs="0.5", lrs="0.3",
+                  augmult="0", models="small_cnn", no_privacy=True),
+             dict(part="augmult", batch_sizes="128", epochs="0.25", lrs="4", augmult="1,2",
+                  models="small_cnn"),
+             dict(part="scale", batch_sizes="128", epochs="0.25", lrs="4", augmult="0",
+                  models="small_cnn,wrn10_1"),
+             dict(part="throughput", batch_sizes="64", epochs="1", lrs="1", augmult="0",
+                  models="small_cnn")]
+    parts = args.quick_parts.split(",") if args.quick_parts else PARTS
+    for plan in plans:
+        if plan["part"] not in parts:
+            continue
+        run_part(argparse.Namespace(**{**common, **plan}), results, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,41 @@
+"""benchmarks/recipe.py --quick on a tiny subset writes its JSON, Markdown and plots."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_recipe_quick_writes_results(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--quick",
+               "--quick-parts", "batch_budget", "--no-jit", "--train-subset", "256",
+               "--test-subset", "100", "--results", str(tmp_path), "--verbose", "0"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads((tmp_path / "recipe_quick.json").read_text())
+    runs = results["runs"]
+    assert {(r["batch_size"], r["no_privacy"]) for r in runs} == {(64, False), (128, False),
+                                                                   (128, True)}
+    for r in runs:
+        for field in ("learning_rate", "seed", "steps", "noise_multiplier", "epsilon",
+                      "test_accuracy", "ema_test_accuracy", "train_accuracy",
+                      "ema_train_accuracy", "curve", "wall_time_s", "train_examples"):
+            assert field in r, field
+        assert r["train_examples"] == 256
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == r["steps"]
+        assert {"test_accuracy", "ema_test_accuracy", "train_accuracy"} <= set(r["curve"][0])
+        if r["no_privacy"]:
+            assert r["noise_multiplier"] == 0.0
+        else:   # calibrated per run: the target is met, not exceeded
+            assert 0 < r["noise_multiplier"] and 2.5 < r["epsilon"] <= 3.0 + 1e-6
+
+    report = (tmp_path / "recipe_quick.md").read_text()
+    assert "## batch_budget" in report and "lr grid" in report and "no noise" in report
+    assert "Best budget per batch size" in report
+    assert (tmp_path / "recipe_quick_batch_budget.png").stat().st_size > 1000
+    assert not (tmp_path / "recipe.json").exists()      # a check never mixes into the study
