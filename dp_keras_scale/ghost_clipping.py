@@ -494,10 +494,26 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
                 return tf.reshape(t, [batch, -1 if copies is None else copies, *t.shape[1:]])
             return tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))
         predictions = tf.nest.map_structure(split, pred_flat)
-        loss_fn = model_example_loss(model)
-        losses = tf.vectorized_map(lambda item: loss_fn(*item), (x, y, predictions))
-        total = tf.reduce_sum(losses)
-    grads = tape.gradient(total, outputs)
+    # Each example's loss and its gradient with respect to the example's predictions, under
+    # `tf.vectorized_map` (the loss head only); the forward pass is then differentiated once,
+    # batched, from those prediction gradients. (Differentiating *through* the vectorized loss
+    # instead makes XLA treat the data as compile-time constants: a recompilation per step.)
+    loss_fn = model_example_loss(model)
+
+    def loss_and_gradient(item):
+        x_i, y_i, pred_i = item
+        with tf.GradientTape() as head:
+            head.watch(tf.nest.flatten(pred_i))
+            loss = loss_fn(x_i, y_i, pred_i)
+        grad = head.gradient(loss, pred_i)
+        grad = tf.nest.map_structure(lambda g, p: tf.zeros_like(p) if g is None else g,
+                                     grad, pred_i)
+        return loss, grad
+
+    losses, pred_grads = tf.vectorized_map(loss_and_gradient, (x, y, predictions))
+    pred_grads = tf.nest.map_structure(lambda g, p: tf.reshape(g, tf.shape(p)),
+                                       pred_grads, pred_flat)
+    grads = tape.gradient(pred_flat, outputs, output_gradients=pred_grads)
 
     parts = [_zero_rule(rec, batch, wanted) for rec in unused]
     for rec, G in zip(records, grads):
