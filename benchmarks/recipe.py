@@ -5,6 +5,7 @@
     python benchmarks/recipe.py --part scale --models small_cnn,wrn10_1,wrn16_1
     python benchmarks/recipe.py --part throughput          # DP / non-private images/s
     python benchmarks/recipe.py --part batch_budget --no-privacy --lrs 0.1,0.3,1
+    python benchmarks/recipe.py --part batch_budget --no-noise --lrs 4
     python benchmarks/recipe.py --quick                    # a minutes-long check of everything
 
 Every run is from scratch, learned from pixels (no pre-trained backbone, no ScatterNet), on the
@@ -33,6 +34,8 @@ Parts (`--part`):
 
 `--no-privacy`: sigma = 0 and clip 1e6 without rescaling (plain mini-batch SGD through the same
 DP code path; its own learning-rate grid), to separate optimisation from privacy.
+`--no-noise`: sigma = 0 with the DP rows' clipping (clip 1, unit-norm rescaling) and learning
+rates: the same rows with the noise alone removed.
 
 Results: ``benchmarks/results/recipe.json`` (every run, appended as it finishes; a re-run
 skips the runs already there, so a stopped study resumes), ``recipe.md`` and one PNG per part
@@ -124,9 +127,10 @@ def run_one(spec: dict, data, args) -> dict:
         1, spec["augmult"])), seed=seed)
     q = batch / n
     steps = max(1, math.ceil(spec["epochs"] * n / batch))
-    private = not spec["no_privacy"]
+    private = not spec["no_privacy"]              # clipped (and noised unless noise_off)
+    noised = private and not spec.get("noise_off", False)
     sigma = (dks.accounting.calibrate_noise_multiplier(args.epsilon, q, steps, args.delta,
-                                                       dataset_size=n) if private else 0.0)
+                                                       dataset_size=n) if noised else 0.0)
     model = build_model(spec["model"], args.dataset, x.shape[1:])
     model.clipping_method = args.clipping
     optimizer = dks.DPSGD(spec["learning_rate"],
@@ -139,7 +143,7 @@ def run_one(spec: dict, data, args) -> dict:
                   metrics=["accuracy"], jit_compile=args.jit)
     fit_callbacks = [dks.callbacks.EMA(args.ema_decay, use_for_validation=False)]
     budget = None
-    if private:
+    if noised:
         budget = dks.callbacks.PrivacyBudget(delta=args.delta, sampling_rate=q, dataset_size=n,
                                              target_epsilon=args.epsilon, planned_steps=steps)
         fit_callbacks.append(budget)
@@ -292,6 +296,7 @@ def specs(args) -> list[dict]:
                             out.append({"part": args.part, "dataset": args.dataset,
                                         "model": model, "batch_size": batch, "epochs": epochs,
                                         "augmult": k, "no_privacy": args.no_privacy,
+                                        "noise_off": args.no_noise,
                                         "seed": seed, "learning_rate": lr,
                                         "target_epsilon": args.epsilon, "delta": args.delta,
                                         "train_examples": args.train_n,
@@ -300,12 +305,19 @@ def specs(args) -> list[dict]:
 
 
 ROW_KEYS = ("part", "dataset", "model", "batch_size", "epochs", "augmult", "no_privacy",
-            "seed", "train_examples", "target_epsilon")
+            "noise_off", "seed", "train_examples", "target_epsilon")
 RUN_KEYS = ROW_KEYS + ("learning_rate", "ema_decay")
 
 
 def key(record: dict, keys=RUN_KEYS) -> tuple:
-    return tuple(record.get(k) for k in keys)
+    return tuple(record.get(k, False if k == "noise_off" else None) for k in keys)
+
+
+def privacy_label(record: dict) -> str:
+    """DP; "clip, no noise" (sigma 0, clipping kept); "no noise" (sigma 0, no clipping)."""
+    if record["no_privacy"]:
+        return "no noise"
+    return "clip, no noise" if record.get("noise_off", False) else "DP"
 
 
 def rows_of(runs: list[dict]) -> list[dict]:
@@ -317,7 +329,8 @@ def rows_of(runs: list[dict]) -> list[dict]:
     rows = []
     for group in groups.values():
         pick = max(group, key=lambda r: r["best"])
-        rows.append({**{k: pick[k] for k in ROW_KEYS}, "lr_grid": sorted(
+        rows.append({**{k: pick.get(k, False) for k in ROW_KEYS},
+                     "privacy": privacy_label(pick), "lr_grid": sorted(
             r["learning_rate"] for r in group), "lr_pick": pick["learning_rate"],
             "pick": pick, "lr_results": {str(r["learning_rate"]): round(r["best"], 4)
                                          for r in group}})
@@ -356,7 +369,8 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
              "Poisson batches of expected size B, sigma calibrated for the row's (q, steps) at "
              "the target epsilon; the learning rate is picked from the grid by the best test "
              "accuracy of the final or EMA weights. Accuracies in %; train = first 10000 "
-             "training examples. `no noise`: sigma = 0, clip 1e6 (plain SGD).", ""]
+             "training examples. `no noise`: sigma = 0, clip 1e6 (plain SGD); `clip, no noise`: "
+             "sigma = 0 with the DP rows' clipping and learning rates.", ""]
     for part in PARTS[:3]:
         part_rows = [r for r in rows if r["part"] == part]
         if not part_rows:
@@ -365,13 +379,13 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
                   "| dataset | model | privacy | B | epochs | K | seed | steps | sigma | eps "
                   "| lr grid: best acc | pick | test final | test EMA | train final "
                   "| train EMA | s |", "|" + "---|" * 17]
-        for r in sorted(part_rows, key=lambda r: (r["dataset"], r["no_privacy"], r["model"],
+        for r in sorted(part_rows, key=lambda r: (r["dataset"], r["privacy"], r["model"],
                                                    r["batch_size"], r["augmult"],
                                                    r["epochs"], r["seed"])):
             p = r["pick"]
             grid = ", ".join(f"{lr}: {_pct(a)}" for lr, a in r["lr_results"].items())
             lines.append(
-                f"| {r['dataset']} | {r['model']} | {'no noise' if r['no_privacy'] else 'DP'} "
+                f"| {r['dataset']} | {r['model']} | {r['privacy']} "
                 f"| {r['batch_size']} | {r['epochs']:g} | {r['augmult']} | {r['seed']} "
                 f"| {p['steps']} | {p['noise_multiplier']:.3f} | {p['epsilon']:.2f} | {grid} "
                 f"| {r['lr_pick']:g} | {_pct(p['test_accuracy'])} "
@@ -382,13 +396,13 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
             lines += ["Best budget per batch size (median over seeds of the best of final/EMA "
                       "accuracy):", "", "| dataset | privacy | B | best epochs | best acc "
                       "(seed range) |", "|---|---|---|---|---|"]
-            for (ds, nopriv, b), group in _by(part_rows, ("dataset", "no_privacy",
+            for (ds, privacy, b), group in _by(part_rows, ("dataset", "privacy",
                                                           "batch_size")).items():
                 by_epochs = _by(group, ("epochs",))
                 med = {e: statistics.median(r["pick"]["best"] for r in g)
                        for (e,), g in by_epochs.items()}
                 best = max(med, key=med.get)
-                lines.append(f"| {ds} | {'no noise' if nopriv else 'DP'} | {b} | {best:g} | "
+                lines.append(f"| {ds} | {privacy} | {b} | {best:g} | "
                              f"{_spread([r['pick']['best'] for r in by_epochs[(best,)]])} |")
             lines.append("")
         plot_part(part, part_rows, out / f"{name}_{part}.png")
@@ -428,9 +442,8 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key, line_keys = {"batch_budget": ("epochs", ("dataset", "no_privacy", "batch_size")),
-                        "augmult": ("augmult", ("dataset", "no_privacy", "batch_size")),
-                        "scale": ("model", ("dataset", "no_privacy", "batch_size"))}[part]
+    line_keys = ("dataset", "privacy", "batch_size")
+    x_key = {"batch_budget": "epochs", "augmult": "augmult", "scale": "model"}[part]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, group) in enumerate(_by(rows, line_keys).items()):
         color = f"C{i % 10}"
@@ -443,7 +456,7 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
                 lows.append(meds[-1] - min(values))
                 highs.append(max(values) - meds[-1])
             positions = xs if part != "scale" else list(range(len(xs)))
-            name = f"{label[0]} {'no noise' if label[1] else 'DP'} B={label[2]}"
+            name = f"{label[0]} {label[1]} B={label[2]}"
             ax.errorbar(positions, meds, yerr=[lows, highs], fmt=style, color=color,
                         capsize=3, label=f"{name} ({'EMA' if 'ema' in weights else 'final'})")
         if part == "scale":
@@ -480,6 +493,9 @@ def main(argv=None) -> None:
                         help="learning-rate grid (default 2,4,8 with DP; 0.1,0.3,1 without)")
     parser.add_argument("--no-privacy", action="store_true",
                         help="sigma = 0 and clip 1e6 without rescaling (diagnosis rows)")
+    parser.add_argument("--no-noise", action="store_true",
+                        help="sigma = 0 with the DP clipping (clip 1, unit-norm rescaling) and "
+                             "learning rates: the noise's effect alone (diagnosis rows)")
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--microbatch", type=int, default=256,
                         help="examples x copies per micro-batch (memory / speed)")
@@ -546,7 +562,7 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
     for spec in todo:
         print(f"  {spec['model']} B={spec['batch_size']} epochs={spec['epochs']:g} "
               f"K={spec['augmult']} lr={spec['learning_rate']:g} seed={spec['seed']}"
-              f"{' no-noise' if spec['no_privacy'] else ''}", flush=True)
+              f" [{privacy_label(spec)}]", flush=True)
         record = run_one(spec, data, args)
         print(f"  -> test {record['test_accuracy']:.4f} ema {record['ema_test_accuracy']:.4f} "
               f"train {record['train_accuracy']:.4f} sigma {record['noise_multiplier']:.3f} "
@@ -559,7 +575,7 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
 def quick(args, results: dict, out: pathlib.Path) -> None:
     """Every part once on 1000 training / 300 test examples (a check, not a result)."""
     common = dict(dataset=args.dataset, epsilon=args.epsilon, delta=args.delta, seeds=1,
-                  model="small_cnn", no_privacy=False, ema_decay=args.ema_decay,
+                  model="small_cnn", no_privacy=False, no_noise=False, ema_decay=args.ema_decay,
                   microbatch=64, jit=args.jit, train_subset=args.train_subset or 1000,
                   test_subset=args.test_subset or 300, verbose=args.verbose, curve_points=3,
                   timing_steps=2, timing_rounds=1, name=args.name, clipping=args.clipping,
@@ -568,6 +584,8 @@ def quick(args, results: dict, out: pathlib.Path) -> None:
                   augmult="0", models="small_cnn"),
              dict(part="batch_budget", batch_sizes="128", epochs="0.5", lrs="0.3",
                   augmult="0", models="small_cnn", no_privacy=True),
+             dict(part="batch_budget", batch_sizes="64", epochs="0.5", lrs="4",
+                  augmult="0", models="small_cnn", no_noise=True),
              dict(part="augmult", batch_sizes="128", epochs="0.25", lrs="4", augmult="1,2",
                   models="small_cnn"),
              dict(part="scale", batch_sizes="128", epochs="0.25", lrs="4", augmult="0",

@@ -19,8 +19,8 @@ def test_recipe_quick_writes_results(tmp_path):
 
     results = json.loads((tmp_path / "recipe_quick.json").read_text())
     runs = results["runs"]
-    assert {(r["batch_size"], r["no_privacy"]) for r in runs} == {(64, False), (128, False),
-                                                                   (128, True)}
+    assert {(r["batch_size"], r["no_privacy"], r["noise_off"]) for r in runs} == {
+        (64, False, False), (128, False, False), (128, True, False), (64, False, True)}
     for r in runs:
         for field in ("learning_rate", "seed", "steps", "noise_multiplier", "epsilon",
                       "test_accuracy", "ema_test_accuracy", "train_accuracy",
@@ -29,13 +29,14 @@ def test_recipe_quick_writes_results(tmp_path):
         assert r["train_examples"] == 256
         assert r["curve"][0]["step"] == 0 and r["curve"][-1]["step"] == r["steps"]
         assert {"test_accuracy", "ema_test_accuracy", "train_accuracy"} <= set(r["curve"][0])
-        if r["no_privacy"]:
+        if r["no_privacy"] or r["noise_off"]:
             assert r["noise_multiplier"] == 0.0
         else:   # calibrated per run: the target is met, not exceeded
             assert 0 < r["noise_multiplier"] and 2.5 < r["epsilon"] <= 3.0 + 1e-6
 
     report = (tmp_path / "recipe_quick.md").read_text()
     assert "## batch_budget" in report and "lr grid" in report and "no noise" in report
+    assert "| clip, no noise |" in report
     assert "Best budget per batch size" in report
     assert (tmp_path / "recipe_quick_batch_budget.png").stat().st_size > 1000
     assert not (tmp_path / "recipe.json").exists()      # a check never mixes into the study
