@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from dp_keras_scale.layers.conv import per_example_convolutions
+
 
 @dataclasses.dataclass
 class ClippedSum:
@@ -107,7 +109,8 @@ def clipped_gradient_sum(
                  for g, v in zip(grads, variables)]
         return grads, loss, pred
 
-    grads, losses, predictions = tf.vectorized_map(per_example, (x, y))
+    with per_example_convolutions():
+        grads, losses, predictions = tf.vectorized_map(per_example, (x, y))
 
     weights = tf.clip_by_value(tf.cast(weights, losses.dtype), 0.0, 1.0)
     squared = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(g), [tf.shape(g)[0], -1]), axis=1)

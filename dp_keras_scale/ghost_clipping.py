@@ -45,7 +45,7 @@ from keras.src.losses import loss as loss_module   # private Keras API, as in DP
 
 from dp_keras_scale.clipping import ClippedSum, clip_factors
 from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient, image_patches,
-                                        per_example_kernel_gradients)
+                                        per_example_convolutions, per_example_kernel_gradients)
 
 METHODS = ("auto", "ghost", "materialize")
 
@@ -401,7 +401,8 @@ def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
         return [tf.zeros(v.shape, g_i[0].dtype) if gr is None else gr
                 for gr, v in zip(grads, variables)]
 
-    per_var = tf.vectorized_map(per_example, (args_b, g_b))
+    with per_example_convolutions():
+        per_var = tf.vectorized_map(per_example, (args_b, g_b))
     sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(p), [batch, -1]), axis=1)
                    for p in per_var]) if per_var else tf.zeros([batch])
 

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of
 
 import dp_keras_scale as dks
@@ -266,3 +265,34 @@ def test_dp_model_fit_default_and_reference_agree(batch, method):
     model.train_on_batch(x, y)
     for b, a, e in zip(before, weights_of(model), expected):
         np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-8)
+
+
+def test_wsconv2d_native_gradient_outside_and_vectorizable_inside_per_example_code(batch):
+    """A whole-batch step uses TensorFlow's native kernel gradient; the per-example reference
+    (under `tf.vectorized_map`) uses the vectorizable one, with no while-loop fallback."""
+    x, y = batch
+    model = compile_dp(small_convnet(model_class=keras.Model, ws=True))
+    flat = tf.constant(x[:, 0])
+
+    @tf.function
+    def batched(images):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(images, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    ops = {op.type for op in batched.get_concrete_function(flat).graph.get_operations()}
+    assert "Conv2DBackpropFilter" in ops
+
+    def loss_fn(xi, yi):
+        pred = model(xi, training=True)
+        return model._compute_loss(x=xi, y=yi, y_pred=pred, training=True), pred
+
+    @tf.function
+    def reference(images, labels):
+        return clipped_gradient_sum(loss_fn, model.trainable_variables, images, labels,
+                                    tf.ones([6]), 1.0, method="reference").gradients
+
+    graph = reference.get_concrete_function(
+        tf.constant(x), tf.constant(np.repeat(y[:, None], 2, 1))).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert not any("While" in op for op in ops) and "Conv2DBackpropFilter" not in ops

@@ -9,8 +9,31 @@ strided slice of the padded input contracted with the output gradient in an eins
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import keras
 import tensorflow as tf
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def per_example_convolutions():
+    """While tracing inside this context, `WSConv2D` uses `conv2d`'s vectorizable kernel
+    gradient (for code that `tf.vectorized_map` maps over examples); outside it, TensorFlow's
+    native convolution gradient (faster for a whole batch).
+
+    Example:
+        >>> with per_example_convolutions():
+        ...     grads = tf.vectorized_map(per_example_gradient, (x, y))
+    """
+    previous = getattr(_state, "active", False)
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = previous
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -146,7 +169,8 @@ class WSConv2D(keras.layers.Conv2D):
     """Conv2D with scaled weight standardization and a learnable gain (De et al. 2022).
 
     The kernel used is `gain * (W - mean(W)) / sqrt(var(W) * fan_in)`, statistics taken per
-    output channel; its kernel gradient vectorizes across examples.
+    output channel; inside `per_example_convolutions()` its kernel gradient vectorizes across
+    examples.
 
     Example:
         >>> layer = WSConv2D(16, 3, padding="same")
@@ -174,7 +198,10 @@ class WSConv2D(keras.layers.Conv2D):
         return (kernel - mean) * scale
 
     def convolution_op(self, inputs, kernel):
-        return conv2d(inputs, self.standardized_kernel(), tuple(self.strides), self.padding)
+        if getattr(_state, "active", False):
+            return conv2d(inputs, self.standardized_kernel(), tuple(self.strides), self.padding)
+        return tf.nn.conv2d(inputs, self.standardized_kernel(), strides=[1, *self.strides, 1],
+                            padding=self.padding.upper())
 
     # Conv2D saves only kernel and bias; the generic Layer methods also save the gain.
     save_own_variables = keras.layers.Layer.save_own_variables
