@@ -1,14 +1,21 @@
-"""DP training step vs non-private training step, side by side, in images/s.
+"""DP training step vs the non-private Keras step of the same model: images/s and peak RSS.
 
-    python benchmarks/throughput.py                       # WRN-16-4, 64 images/step, K=1,4,16
-    python benchmarks/throughput.py --copies 4 --steps 3  # quicker
+    python benchmarks/throughput.py                         # all models and settings, 2 rounds
+    python benchmarks/throughput.py --models wrn-ws --settings 16x4 --rounds 1 --steps 3
 
-For each K (augmentation copies), a step processes B*K images (B examples x K copies). Rows:
-- non-private, native: plain `keras.Model.fit` step on the same WRN with Keras Conv2D layers;
-- non-private, WS: the same network as the DP model (WSConv2D), plain Keras step;
-- DP: `DPScaleModel` step (per-example clipping over the K copies, noise).
-Reports the median step time over `--steps` timed steps after warm-up, images/s, and the ratio
-DP / non-private. Results are written to benchmarks/results/throughput.{json,md}.
+Every cell (model, B x K setting, method) runs in its own process, one after another, so that
+peak RSS is the cell's own and no cell inherits another's compiled graphs. Methods:
+- ``nonprivate``: plain `keras.Model` step of the same network on the B*K images;
+- ``reference``: `DPScaleModel` step with ``clipping_method = "reference"`` (every example
+  differentiated on its own under `tf.vectorized_map`);
+- ``fast``: `DPScaleModel` step with the default batched per-layer clipping
+  (`dp_keras_scale.ghost_clipping`).
+Each round runs every cell once; ratios DP / non-private are taken within a round (same model
+and setting), and the spread is reported over rounds. A step processes B*K images; images/s is
+B*K over the median of at least `--steps` timed steps (and at least 5 s of them) after two
+warm-up steps (XLA compilation). The
+load average is recorded before each cell: on a shared machine it is part of the result.
+Results go to benchmarks/results/throughput.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,96 +26,183 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import dp_keras_scale as dks  # noqa: E402
-
 RESULTS = pathlib.Path(__file__).parent / "results"
+MODELS = {
+    "wrn-ws": "WRN-16-4, WS convs (the paper's model)",
+    "wrn-plain": "WRN-16-4, plain Keras Conv2D",
+    "cnn": "small CNN (dks.models.small_cnn, WS convs, 28x28x1)",
+}
+METHODS = ("nonprivate", "reference", "fast")
+MIN_SECONDS, MAX_STEPS = 5.0, 200     # fast cells run more steps than --steps
 
 
-def build(kind: str, depth: int, width: int, jit: bool) -> keras.Model:
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if kind == "dp":
-        model = dks.models.wide_resnet(depth, width, num_classes=10)
+def build(model_name: str, method: str, jit: bool):
+    import keras
+
+    import dp_keras_scale as dks
+
+    private = method != "nonprivate"
+    model_class = dks.DPScaleModel if private else keras.Model
+    if model_name == "cnn":
+        model = dks.models.small_cnn((28, 28, 1), 10, model_class=model_class)
+        shape = (28, 28, 1)
+    else:
+        model = dks.models.wide_resnet(16, 4, num_classes=10, model_class=model_class,
+                                       weight_standardization=model_name == "wrn-ws")
+        shape = (32, 32, 3)
+    if private:
+        model.clipping_method = "reference" if method == "reference" else "auto"
         optimizer = dks.DPSGD(0.1, l2_norm_clip=1.0, noise_multiplier=1.0)
     else:
-        model = dks.models.wide_resnet(depth, width, num_classes=10, model_class=keras.Model,
-                                       weight_standardization=(kind == "ws"))
         optimizer = keras.optimizers.SGD(0.1)
-    model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
-    return model
+    model.compile(optimizer=optimizer, jit_compile=jit,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, shape
 
 
-def time_steps(model: keras.Model, x: np.ndarray, y: np.ndarray, steps: int) -> float:
-    """Median seconds per training step after two warm-up steps (tracing/compilation)."""
+def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
+             jit: bool) -> dict:
+    """Times one cell in this process; returns images/s and RSS figures (MiB)."""
+    import resource
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    model, shape = build(model_name, method, jit)
+    x = rng.random((batch * copies, *shape), dtype=np.float32)
+    if model_name == "cnn":
+        x = x * 255.0
+    y = rng.integers(0, 10, batch * copies)
+    if method != "nonprivate":
+        x, y = x.reshape(batch, copies, *shape), y.reshape(batch, copies)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):
         model.train_on_batch(x, y)
     times = []
-    for _ in range(steps):
+    while len(times) < steps or (sum(times) < MIN_SECONDS and len(times) < MAX_STEPS):
         start = time.perf_counter()
         model.train_on_batch(x, y)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    seconds = statistics.median(times)
+    return {"seconds_per_step": seconds, "timed_steps": len(times),
+            "images_per_s": batch * copies / seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_training_mib": rss_before}
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return (f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-"
+            f"{fmt.format(max(values))})")
+
+
+def table(rows: list[dict], rounds: int) -> str:
+    """Markdown table: per model and setting, medians over rounds (min-max), within-round
+    ratios. Rows marked ``superseded`` (by hand, with the reason) are left out."""
+    rows = [r for r in rows if "superseded" not in r]
+    lines = ["| model | (B, K) | non-private img/s | reference DP img/s | fast DP img/s "
+             "| reference / non-private | fast / non-private | fast / reference "
+             "| peak RSS MiB: non-private / reference / fast |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["B"], r["K"]) for r in rows},
+                  key=lambda k: (list(MODELS).index(k[0]), -k[2], k[1]))
+    for model, batch, copies in keys:
+        cell = {m: [r for r in rows if (r["model"], r["B"], r["K"], r["method"])
+                    == (model, batch, copies, m)] for m in METHODS}
+        ips = {m: [r["images_per_s"] for r in cell[m]] for m in METHODS}
+        rss = {m: [r["peak_rss_mib"] for r in cell[m]] for m in METHODS}
+
+        def ratio(a, b):
+            by_round = {r["round"]: r["images_per_s"] for r in cell[b]}
+            return [r["images_per_s"] / by_round[r["round"]] for r in cell[a]
+                    if r["round"] in by_round]
+        lines.append(
+            f"| {model} | ({batch}, {copies}) | {spread(ips['nonprivate'])} "
+            f"| {spread(ips['reference'])} | {spread(ips['fast'])} "
+            f"| {spread(ratio('reference', 'nonprivate'), '{:.2f}')} "
+            f"| {spread(ratio('fast', 'nonprivate'), '{:.2f}')} "
+            f"| {spread(ratio('fast', 'reference'), '{:.2f}')} "
+            f"| {' / '.join(spread(rss[m]) for m in METHODS)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=16)
-    parser.add_argument("--width", type=int, default=4)
-    parser.add_argument("--images", type=int, default=64, help="images per step (B*K)")
-    parser.add_argument("--copies", default="1,4,16", help="comma-separated K values")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
-    parser.add_argument("--jit", default="on", choices=["off", "on", "both"],
+    parser.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--settings", default="16x4,64x1,32x4", help="BxK,BxK,...")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per cell")
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions of every cell")
+    parser.add_argument("--jit", default="on", choices=["off", "on"],
                         help="XLA compilation of the training steps (Keras default: on)")
+    parser.add_argument("--cell", nargs=4, metavar=("MODEL", "B", "K", "METHOD"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS), help="results directory")
     args = parser.parse_args()
 
-    rng = np.random.default_rng(0)
+    if args.cell:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        model, batch, copies, method = args.cell
+        result = run_cell(model, int(batch), int(copies), method, args.steps, args.jit == "on")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
     rows = []
-    for jit in {"off": [False], "on": [True], "both": [False, True]}[args.jit]:
-        for copies in [int(k) for k in args.copies.split(",")]:
-            batch = args.images // copies
-            x4 = rng.random((batch * copies, 32, 32, 3), dtype=np.float32)
-            y4 = rng.integers(0, 10, batch * copies)
-            x5 = x4.reshape(batch, copies, 32, 32, 3)
-            y5 = y4.reshape(batch, copies)
-            row = {"B": batch, "K": copies, "jit": jit}
-            for kind in ("native", "ws", "dp"):
-                keras.backend.clear_session()
-                model = build(kind, args.depth, args.width, jit)
-                x, y = (x5, y5) if kind == "dp" else (x4, y4)
-                seconds = time_steps(model, x, y, args.steps)
-                row[f"{kind}_images_per_s"] = batch * copies / seconds
-                print(f"jit={jit} B={batch} K={copies} {kind:>6}: {seconds:.3f} s/step, "
-                      f"{batch * copies / seconds:.1f} images/s", flush=True)
-            row["dp_vs_native"] = row["dp_images_per_s"] / row["native_images_per_s"]
-            row["dp_vs_ws"] = row["dp_images_per_s"] / row["ws_images_per_s"]
-            rows.append(row)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    for rnd in range(args.rounds):
+        for model in args.models.split(","):
+            for batch, copies in settings:
+                for method in args.methods.split(","):
+                    load = os.getloadavg()[0]
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--cell", model, str(batch), str(copies),
+                         method, "--steps", str(args.steps), "--jit", args.jit],
+                        capture_output=True, text=True, check=False)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                    if proc.returncode != 0 or not lines:
+                        print(proc.stderr[-3000:], file=sys.stderr)
+                        raise SystemExit(f"cell {model} {batch}x{copies} {method} failed")
+                    row = {"round": rnd, "model": model, "B": batch, "K": copies,
+                           "method": method, "load_1min_before": load,
+                           **json.loads(lines[-1][len("RESULT "):])}
+                    rows.append(row)
+                    print(f"round {rnd + 1} {model:>9} B={batch:<3} K={copies:<2} "
+                          f"{method:>10}: {row['images_per_s']:6.1f} images/s, peak RSS "
+                          f"{row['peak_rss_mib']:.0f} MiB (load {load:.2f})", flush=True)
+                    write_results(rows, args, started)
 
-    header = (f"WRN-{args.depth}-{args.width}, {args.images} images/step, "
-              f"{os.cpu_count()} CPU threads, TF {tf.__version__}, Keras {keras.__version__}, "
-              f"median of {args.steps} steps")
-    lines = [header, "",
-             "| B | K | XLA | non-private native (img/s) | non-private WS (img/s) | DP (img/s) "
-             "| DP / native | DP / WS |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['B']} | {r['K']} | {'on' if r['jit'] else 'off'} "
-                     f"| {r['native_images_per_s']:.1f} | {r['ws_images_per_s']:.1f} "
-                     f"| {r['dp_images_per_s']:.1f} | {r['dp_vs_native']:.2f} "
-                     f"| {r['dp_vs_ws']:.2f} |")
-    table = "\n".join(lines)
-    print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "throughput.md").write_text(table + "\n")
-    (RESULTS / "throughput.json").write_text(json.dumps(
-        {"machine": platform.platform(), "args": vars(args), "rows": rows}, indent=2))
 
+def write_results(rows: list[dict], args, started: str) -> None:
+    """Writes the table and the raw rows (after every cell, so a cut-short run keeps them)."""
+    import keras
+    import tensorflow as tf   # only for the version line
+
+    loads = [r["load_1min_before"] for r in rows]
+    rounds = max(r["round"] for r in rows) + 1
+    header = (f"{os.cpu_count()} CPU threads, TF {tf.__version__}, Keras {keras.__version__}, "
+              f"XLA {args.jit}, median of >= {args.steps} steps (>= {MIN_SECONDS:.0f} s) per "
+              f"cell, {rounds} of {args.rounds} rounds (each cell its own process), started "
+              f"{started}; "
+              f"1-minute load average before the cells: {min(loads):.2f}-{max(loads):.2f} "
+              f"(median {statistics.median(loads):.2f}). Cells: median over rounds (min-max).")
+    text = "\n".join([header, "", table(rows, args.rounds), "",
+                      "Models: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items()
+                                              if k in args.models.split(","))])
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.md").write_text(text + "\n")
+    (out / "throughput.json").write_text(json.dumps(
+        {"machine": platform.platform(), "args": vars(args), "started": started, "rows": rows},
+        indent=2))
 
 if __name__ == "__main__":
     main()
