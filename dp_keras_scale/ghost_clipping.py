@@ -31,13 +31,15 @@ averaged before clipping) up to floating-point rounding, provided examples do no
 the forward pass (checked for BatchNorm by `DPScaleModel`). Whenever the model is outside what
 this module can compute exactly (a trainable variable not owned by a single leaf layer, a layer
 with variables called more than once, regularisation losses), `fast_clipped_gradient_sum`
-returns None and the caller uses the per-example path.
+returns None and the caller uses the per-example path. Random layers (Dropout) draw their masks
+for the whole batch here, one per image, where the per-example path shares one draw across the
+examples; either way each example's gradient depends on its own rows only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -387,7 +389,8 @@ def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
     original = original_calls[id(layer)]
     kwargs = dict(rec.kwargs or {})
     args = rec.inputs
-    split = lambda t: tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))  # noqa: E731
+    def split(t):
+        return tf.reshape(t, tf.concat([[batch, -1], tf.shape(t)[1:]], 0))
     args_b = tf.nest.map_structure(split, args)
     out_flat = tf.nest.flatten(rec.output)
     g_flat = [tf.zeros_like(o) if g is None else g for o, g in zip(out_flat, tf.nest.flatten(G))]
@@ -469,7 +472,8 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
     first = tf.nest.flatten(x)[0]
     batch = tf.shape(first)[0]
     copies = first.shape[1]
-    merge = lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))   # noqa: E731
+    def merge(t):
+        return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
     x_flat = tf.nest.map_structure(merge, x)
     original_calls = {id(layer): layer.call for layer, kind in plan if kind == "generic"}
 
