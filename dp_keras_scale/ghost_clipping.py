@@ -527,6 +527,10 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
             continue
         if G is None:
             G = tf.zeros_like(rec.output)
+        if G.dtype != tf.float32 or rec.inputs.dtype != tf.float32:
+            # Mixed precision: norms and sums in float32 from the same values, so that each
+            # summed per-example gradient has exactly the norm its clip factor was computed from.
+            rec.inputs, G = tf.cast(rec.inputs, tf.float32), tf.cast(G, tf.float32)
         rule = _dense_rule if rec.kind == "dense" else _conv_rule
         parts.append(rule(rec, G, batch, copies, wanted, method))
 

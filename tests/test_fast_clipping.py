@@ -296,3 +296,30 @@ def test_wsconv2d_native_gradient_outside_and_vectorizable_inside_per_example_co
         tf.constant(x), tf.constant(np.repeat(y[:, None], 2, 1))).graph
     ops = {op.type for op in graph.get_operations()}
     assert not any("While" in op for op in ops) and "Conv2DBackpropFilter" not in ops
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_bfloat16_contribution_never_exceeds_the_clip_norm(method):
+    """Under mixed_bfloat16 the norms are computed in float32 from the very values that are
+    summed, so one example's clipped contribution has norm <= C (float32 rounding)."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        h = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+        h = keras.layers.GroupNormalization(2)(h)
+        h = dks.layers.WSConv2D(4, 3, use_bias=True)(h)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        model = keras.Model(inputs, keras.layers.Dense(3, dtype="float32")(h))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(4, 2, shape=(8, 8, 3))
+    clip = 1e-3
+    for i in range(4):
+        out = fast_clipped_gradient_sum(model, model.trainable_variables, x[i:i + 1],
+                                        y[i:i + 1], tf.ones([1]), clip, method=method)
+        norm = np.sqrt(sum(np.sum(np.square(g.numpy().astype(np.float64)))
+                           for g in out.gradients))
+        assert out.clipped.numpy() == 1
+        assert norm <= clip * (1 + 1e-5), norm
