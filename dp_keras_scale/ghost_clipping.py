@@ -17,7 +17,8 @@ backward pass of the whole micro-batch (all B x K copies as one batch), in four 
    flop count is used. WSConv2D: the norm of the raw-kernel gradient follows from the
    standardised-kernel gradient ``h`` by three per-channel dot products (the standardisation's
    Jacobian is ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
-   s = 1/||u||), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``. Any other
+   s = 1/||u||; where ``h`` is materialised the projection is applied to it per example, which
+   avoids cancellation), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``. Any other
    layer with trainable variables (GroupNorm, custom layers) gets its per-example gradients by
    re-running just that layer under `tf.vectorized_map`.
 4. **Sum (book-keeping).** With the clip factors known, the clipped sum of each layer is one
@@ -347,7 +348,13 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method):
                 q = tf.reduce_sum(tf.square(per_kernel), axis=1)
                 m = tf.reduce_sum(per_kernel, axis=1)
                 p = tf.einsum("bdo,do->bo", per_kernel, u)
-            if want_kernel:
+            if want_kernel and per_kernel is not None:
+                # the raw-kernel gradient itself (no cancellation in the norm): h - mean(h)
+                # - a s^2 (u . h) u, per channel, times g s
+                raw = (per_kernel - m[:, None, :] / fan_in
+                       - (active * tf.square(s) * p)[:, None, :] * u[None])
+                sq += tf.reduce_sum(tf.square(raw) * tf.square(gain * s), axis=[1, 2])
+            elif want_kernel:
                 inner = tf.maximum(q - tf.square(m) / fan_in - active * tf.square(s * p), 0.0)
                 sq += tf.reduce_sum(tf.square(gain * s) * inner, axis=1)
             if want_gain:
