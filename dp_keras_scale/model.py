@@ -106,6 +106,10 @@ class DPScaleModel(keras.Model):
         super().__init__(*args, **kwargs)
         self.nonfinite_tracker = keras.metrics.Sum(name="nonfinite_examples")
         self.clipped_tracker = keras.metrics.Mean(name="clipped_fraction")
+        # How per-example clipped sums are computed: "reference" (per-example gradients,
+        # vectorized; the default) or "auto" (batched per-layer norms, dks.ghost_clipping:
+        # equal in the tests, not yet faster on CPU in benchmarks/results/throughput.md).
+        self.clipping_method = "reference"
 
     def compile(self, optimizer="rmsprop", *args, **kwargs):
         if not isinstance(optimizer, DPOptimizer):
@@ -306,8 +310,7 @@ class DPScaleModel(keras.Model):
             result = clipped_gradient_sum(
                 self._example_loss, self.trainable_variables, x, y, weights,
                 self.optimizer.l2_norm_clip, self.optimizer.rescale_to_unit_norm,
-                # "auto": batched per-layer norms (dks.ghost_clipping); "reference": per example
-                model=self, method=getattr(self, "clipping_method", "auto"))
+                model=self, method=self.clipping_method)
         logical_batch = None
         if self.optimizer.expected_batch_size is None:    # fixed-size batches: rows are public
             logical_batch = _global_rows(batch) * self.optimizer.dp_accumulation_steps

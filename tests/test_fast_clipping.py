@@ -244,6 +244,7 @@ def test_fallback_warns_once_naming_the_reason(batch):
     shared = keras.layers.Conv2D(3, 3, padding="same")
     h = keras.layers.GlobalAveragePooling2D()(shared(shared(inputs)))
     model = compile_dp(dks.DPScaleModel(inputs, keras.layers.Dense(3)(h)), l2_norm_clip=0.05)
+    model.clipping_method = "auto"
     x, y = batch
     y_copies = np.repeat(y[:, None], 2, 1)
     expected = reference_clipped_sum(model, x, y_copies, np.ones(6), clip=0.05)
@@ -255,7 +256,7 @@ def test_fallback_warns_once_naming_the_reason(batch):
 
 
 @pytest.mark.parametrize("method", ["auto", "reference"])
-def test_dp_model_fit_default_and_reference_agree(batch, method):
+def test_dp_model_fit_batched_and_reference_agree(batch, method):
     x, y = batch
     model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05)
     model.clipping_method = method
