@@ -45,6 +45,13 @@ def flatten_layers(model: keras.layers.Layer, include_self: bool = False) -> lis
     return list(model._flatten_layers(include_self=include_self, recursive=True))
 
 
+def own_trainable_variables(layer: keras.layers.Layer) -> list:
+    """The trainable variables ``layer`` created itself, not those of its sub-layers
+    (``trainable_variables`` includes both)."""
+    own = getattr(layer, "_trainable_variables", None)
+    return list(own) if own is not None else []
+
+
 def compiled_loss(model: keras.Model, x, y, y_pred) -> tf.Tensor:
     """The loss ``model.compile`` configured (loss weights, regularization losses), for one
     example's batch of copies, without the 1 / num_replicas scaling Keras applies under

@@ -44,8 +44,8 @@ from collections.abc import Callable
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as loss_module   # private Keras API, as in DPScaleModel
 
+from dp_keras_scale import _keras_compat
 from dp_keras_scale.clipping import ClippedSum, clip_factors
 from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient, image_patches,
                                         per_example_convolutions, per_example_kernel_gradients)
@@ -58,13 +58,10 @@ def _key(variable) -> int:
 
 
 def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    return list(model._flatten_layers(include_self=False, recursive=True))
+    return _keras_compat.flatten_layers(model)
 
 
-def _owns(layer: keras.layers.Layer) -> list:
-    """Trainable variables created by `layer` itself (not by its sub-layers)."""
-    own = getattr(layer, "_trainable_variables", None)
-    return list(own) if own is not None else []
+_owns = _keras_compat.own_trainable_variables
 
 
 def _is_plain_dense(layer) -> bool:
@@ -175,7 +172,7 @@ def _plan(model: keras.Model, variables: list):
         own = [v for v in _owns(layer) if _key(v) in wanted]
         if not own:
             continue
-        sub_vars = [v for sub in layer._flatten_layers(include_self=False, recursive=True)
+        sub_vars = [v for sub in _keras_compat.flatten_layers(layer)
                     for v in _owns(sub) if _key(v) in wanted]
         if sub_vars:
             return None, (f"layer '{layer.name}' has trainable variables of its own and "
@@ -437,8 +434,7 @@ def model_example_loss(model: keras.Model) -> Callable:
     """`(x_i, y_i, predictions_i) -> loss`: one example's mean loss over its copies, from its
     predictions, computed exactly as `DPScaleModel._example_loss` computes it."""
     def loss_fn(x_i, y_i, pred_i):
-        loss = model._compute_loss(x=x_i, y=y_i, y_pred=pred_i, training=True)
-        return loss_module.unscale_loss_for_distribution(loss)
+        return _keras_compat.compiled_loss(model, x_i, y_i, pred_i)
     return loss_fn
 
 

@@ -81,6 +81,9 @@ def test_backend_free_update_step_applies_the_update_without_a_replica_context()
     compat.backend_free_weight_decay(wd, [w])
     np.testing.assert_allclose(w.numpy(), [0.5, 0.5])
     assert compat.optimizer_variables_trained(opt) == [v]
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    assert compat.own_trainable_variables(dense) == dense.trainable_variables
 
 
 def test_strategy_helpers():
@@ -94,6 +97,7 @@ def test_strategy_helpers():
 
 
 @pytest.mark.parametrize("module", ["model", "optimizers", "callbacks", "distribute", "clipping",
+                                    "ghost_clipping",
                                     "averaging", "finetune.sources", "finetune.saved_model"])
 def test_no_private_keras_api_outside_the_compat_module(module):
     import importlib
