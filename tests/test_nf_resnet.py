@@ -19,6 +19,7 @@ from scipy import integrate, special, stats
 import dp_keras_scale as dks
 from conftest import assert_close, compile_dp, reference_clipped_sum, weights_of
 from dp_keras_scale.layers.activations import ScaledActivation
+from dp_keras_scale.layers.conv import per_example_convolutions
 from dp_keras_scale.models.nf_resnet import SkipInitResidual
 
 # Blocks per stage of the published ResNets (He et al. 2016).
@@ -141,7 +142,9 @@ def test_per_example_gradients_of_every_layer_kind_vectorize_without_loops():
         return tape.gradient(loss, variables)
 
     x = tf.random.normal([3, 2, 16, 16, 3])
-    with dks.model.fast_convolutions(model):
+    # As the per-example reference path runs it: WSConv2D's vectorizable kernel gradient is
+    # used inside per_example_convolutions() (whole-batch steps take TF's native one).
+    with dks.model.fast_convolutions(model), per_example_convolutions():
         graph = tf.function(lambda x: tf.vectorized_map(grad, x)).get_concrete_function(x).graph
     ops = {op.type for op in graph.get_operations()}
     assert "MaxPoolGrad" in ops and not any("While" in op for op in ops), sorted(ops)
