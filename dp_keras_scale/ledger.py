@@ -134,8 +134,9 @@ class PrivacyLedger:
     @staticmethod
     def resolved(segments: Iterable[Segment], dataset_size: Optional[int] = None,
                  sampling_rate: Optional[float] = None) -> list[Segment]:
-        """``segments`` with every unknown sampling rate filled in: ``sampling_rate`` if given
-        (the run's known q), else ``expected_batch_size / dataset_size``.
+        """``segments`` with every unknown sampling rate filled in: the segment's own
+        ``expected_batch_size / dataset_size`` when it recorded one (what its steps ran
+        with), else ``sampling_rate`` (the current run's q, e.g. for fixed-size batches).
 
         Raises:
             ValueError: when a segment's rate cannot be derived (fixed-size batches without a
@@ -144,10 +145,10 @@ class PrivacyLedger:
         out = []
         for seg in segments:
             q = seg.sampling_rate
-            if q is None:
-                q = sampling_rate
             if q is None and seg.expected_batch_size is not None and dataset_size:
                 q = seg.expected_batch_size / dataset_size
+            if q is None:
+                q = sampling_rate
             if q is None:
                 raise ValueError(
                     f"{seg.steps} steps at noise_multiplier {seg.noise_multiplier:g} have no "

@@ -178,6 +178,11 @@ def test_ledger_bookkeeping_and_array_round_trip():
     assert PrivacyLedger.from_array(PrivacyLedger.to_array(spent)) == spent
     resolved = PrivacyLedger.resolved(spent, dataset_size=64)
     assert [s.sampling_rate for s in resolved] == [8 / 64, 0.5, 0.5]
+    # Steps recorded with their own expected batch keep it over a later run's rate.
+    resolved = PrivacyLedger.resolved(spent, dataset_size=64, sampling_rate=0.01)
+    assert [s.sampling_rate for s in resolved] == [8 / 64, 0.5, 0.5]
+    assert PrivacyLedger.resolved([Segment(1.0, 3)], sampling_rate=0.01)[0].sampling_rate \
+        == 0.01
     with pytest.raises(ValueError, match="no known sampling rate"):
         PrivacyLedger.resolved([Segment(1.0, 3)])
     with pytest.raises(RuntimeError, match="went back"):
