@@ -17,7 +17,6 @@ and epsilon never import TensorFlow.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -139,15 +138,9 @@ def _train(args) -> None:
     existed = os.path.isdir(out)
     try:
         summary = experiment.train(config, out, verbose=0 if args.quiet else 2)
-    except BaseException:
+    except BaseException:   # (DPScaleModel.fit collects Keras's epoch iterator itself)
         _remove_if_only_config(out, existed)
         raise
-    finally:
-        # Keras's epoch iterator sits in a reference cycle with its generator: collected at
-        # interpreter exit, the Python input pipeline's iterator (tf.data from_generator) fails
-        # to finalize ("Error occurred when finalizing GeneratorDataset iterator"). Collect it
-        # while Python still runs.
-        gc.collect()
     print(f"\n{open(os.path.join(out, 'privacy.txt')).read()}")
     ema = (f", EMA weights {summary['ema_test_accuracy']:.4f}"
            if "ema_test_accuracy" in summary else "")
