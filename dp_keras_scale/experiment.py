@@ -187,7 +187,7 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
               f"delta {p['delta']:g}", flush=True)
     model.fit(sampler.dataset(x, y, map_fn=map_fn), epochs=schedule["epochs"],
               steps_per_epoch=schedule["steps_per_epoch"] * sampler.accumulation_steps,
-              callbacks=fit_callbacks, verbose=0, shuffle=False)   # progress: RunMetrics
+              callbacks=fit_callbacks, verbose=0)   # progress: RunMetrics
     statement = budget.statement(p["l2_norm_clip"], augmult=max(1, t["augmult"]))
     return schedule, statement
 
