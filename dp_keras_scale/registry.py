@@ -73,13 +73,13 @@ def build_model(config: dict, input_shape: tuple[int, ...]) -> keras.Model:
     """
     m, dataset = config["model"], config["data"]["dataset"]
     classes = dataset_constant(NUM_CLASSES, dataset, "NUM_CLASSES")
-    if m["architecture"] == "small_cnn":
+    if m["architecture"] in ("small_cnn", "compact_cnn"):
         mean, std = dataset_constant(PIXEL_MEAN_STD, dataset, "PIXEL_MEAN_STD")
         if not np.isscalar(mean):
             mean, std = float(np.mean(mean)), float(np.mean(std))
-        return models.small_cnn(input_shape, classes, widths=tuple(m["widths"]),
-                                groups=m["groups"] or None, mean=mean, std=std,
-                                weight_standardization=m["weight_standardization"])
+        cnn = models.small_cnn if m["architecture"] == "small_cnn" else models.compact_cnn
+        return cnn(input_shape, classes, widths=tuple(m["widths"]), groups=m["groups"] or None,
+                   mean=mean, std=std, weight_standardization=m["weight_standardization"])
     if m["architecture"] == "wide_resnet":
         body = models.wide_resnet(m["depth"], int(m["width"]), classes,
                                   groups=m["groups"] or None, input_shape=input_shape,

@@ -89,3 +89,39 @@ def test_wide_resnet_variants_and_bad_depth():
     assert plain(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
     with pytest.raises(ValueError, match="6n\\+4"):
         dks.models.wide_resnet(depth=15)
+
+
+def test_compact_cnn_dp_update_matches_the_per_example_loop():
+    """The 8x8 / stride-2 and 4x4 / stride-2 WS convolutions, max-pooling and Dense layers of
+    `compact_cnn` go through the vectorized per-example path exactly."""
+    from conftest import assert_close, compile_dp, reference_clipped_sum
+
+    rng = np.random.default_rng(3)
+    x = (rng.random((5, 28, 28, 1)) * 255).astype(np.float32)
+    y = rng.integers(0, 10, 5)
+    keras.utils.set_random_seed(0)
+    model = dks.models.compact_cnn((28, 28, 1), 10, mean=0.3, std=0.35)
+    assert model.count_params() == 26_106 and model.name == "compact_cnn"
+    for layer in ("logits",):      # a zero classifier has zero gradients below it: perturb it
+        model.get_layer(layer).kernel.assign(rng.normal(size=(32, 10)).astype(np.float32))
+    compile_dp(model, jit_compile=True, l2_norm_clip=0.1, learning_rate=1.0)
+    expected = reference_clipped_sum(model, x[:, None], y[:, None], np.ones(5), clip=0.1)
+    before = [v.numpy() for v in model.trainable_variables]
+    model.train_on_batch(x, y)
+    update = [b - v.numpy() for b, v in zip(before, model.trainable_variables)]
+    assert_close(update, [e / 5 for e in expected])
+    with pytest.raises(ValueError, match="two conv widths"):
+        dks.models.compact_cnn(widths=(8, 16, 32))
+
+
+def test_compact_cnn_config_needs_two_widths():
+    from dp_keras_scale import config as cfg
+
+    config = cfg.load_config("mnist_cpu", ["model.architecture=\"compact_cnn\"",
+                                           "model.widths=[8, 16]"])
+    from dp_keras_scale import registry
+
+    model = registry.build_model(config, (28, 28, 1))
+    assert model.name == "compact_cnn" and model.get_layer("conv2").filters == 16
+    with pytest.raises(cfg.ConfigError, match="two numbers, e.g. \\[16, 32\\]"):
+        cfg.load_config("mnist_cpu", ["model.architecture=\"compact_cnn\""])
