@@ -58,7 +58,7 @@ from dp_keras_scale.data.sources import DATASETS
 from dp_keras_scale.options import (ACCOUNTANTS, FINETUNE_CLASSIFIERS, FINETUNE_MODES, SAMPLINGS,
                                     TFDS_PREFIX)
 
-ARCHITECTURES = ("small_cnn", "wide_resnet", "nf_resnet")
+ARCHITECTURES = ("small_cnn", "compact_cnn", "wide_resnet", "nf_resnet")
 PIXEL_RANGES = ("auto", "0-255", "0-1")
 REQUIRED = "REQUIRED"
 
@@ -109,7 +109,7 @@ def describe(name_or_path: str) -> str:
 
     Example:
         >>> describe("mnist_cpu")
-        'MNIST, CPU: small weight-standardized GroupNorm CNN, Poisson batches of 512, (3, 1e-5)-DP'
+        'MNIST, CPU: compact WS + GroupNorm CNN, Poisson batches of 1024, 8 epochs, EMA, (3, 1e-5)-DP'
     """
     raw, _ = _read(name_or_path)
     description = raw.get("run", {}).get("description", "")
@@ -262,6 +262,10 @@ def _check_ranges(config: dict) -> None:
                          ("training", "momentum"), ("training", "ema_decay")]:
         if config[section][key] < 0:
             raise ConfigError(f"{section}.{key} must be >= 0, got {config[section][key]}.")
+    if config["model"]["architecture"] == "compact_cnn" and len(config["model"]["widths"]) != 2:
+        raise ConfigError(f"model.architecture = \"compact_cnn\" has two convolutions: set "
+                          f"model.widths to two numbers, e.g. [16, 32] (got "
+                          f"{config['model']['widths']}).")
     if t["steps"] == 0 and not t["epochs"] > 0:
         raise ConfigError("Set training.epochs > 0 or training.steps > 0.")
     if not t["ema_decay"] < 1:

@@ -57,7 +57,7 @@ def test_paper_config_matches_the_published_accounting():
 @pytest.mark.parametrize("overrides,match", [
     (["training.epoch=3"], r"Unknown key training\.epoch; valid keys of \[training\]:.*epochs"),
     (["optim.lr=3"], r"Unknown config section \[optim\]; valid sections:.*training"),
-    (["model.architecture=resnet"], r"choose one of small_cnn, wide_resnet, nf_resnet"),
+    (["model.architecture=resnet"], r"choose one of small_cnn, compact_cnn, wide_resnet, nf_resnet"),
     (["training.batch_size=12.5"], r"training\.batch_size must be an integer"),
     (["training.batch_size=0"], r"training\.batch_size must be > 0"),
     (["privacy.noise_multiplier=loud"], r'must be a number or "auto"'),
