@@ -45,7 +45,7 @@ from dp_keras_scale.finetune.cache import (FEATURE_FILES, FEATURE_KEY,  # noqa: 
 from dp_keras_scale.optimizers import DPSGD
 from dp_keras_scale.registry import (NUM_CLASSES, PIXEL_MEAN_STD, build_model,  # noqa: F401
                                      finetune_model, pixel_scale)
-from dp_keras_scale.run_data import accuracy, image_shape, load_data
+from dp_keras_scale.run_data import image_shape, load_data
 from dp_keras_scale.run_metrics import (EVALUATION_POINTS,  # noqa: F401
                                         INTERMEDIATE_TEST_EXAMPLES, TRAINING_METRICS, RunMetrics,
                                         evaluation_steps, progress_line, tensorboard_callbacks,
@@ -119,8 +119,8 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
     else:
         trained, train_x, test_x = model, x, x_test
 
-    schedule, statement = _dp_fit(trained, config, train_x, y, test_x, y_test, run_dir,
-                                  verbose, seed)
+    schedule, statement, last = _dp_fit(trained, config, train_x, y, test_x, y_test, run_dir,
+                                        verbose, seed)
     statement.save(os.path.join(run_dir, "privacy.json"))
     if trained is not model:
         # The whole images -> logits model, ready for evaluate(). Its only trainable weights
@@ -135,10 +135,10 @@ def train(config: dict, run_dir: str, verbose: int = 2) -> dict:
                "train_examples": len(x), "test_examples": len(x_test),
                "steps": statement.steps, "noise_multiplier": statement.noise_multiplier,
                "sampling_rate": schedule["sampling_rate"], "epsilon": statement.epsilon,
-               "delta": p["delta"], "test_accuracy": accuracy(trained, test_x, y_test), **extra}
+               "delta": p["delta"], "test_accuracy": last["test_accuracy"], **extra}
     if t["ema_decay"] > 0:
+        summary["ema_test_accuracy"] = last["ema_test_accuracy"]
         with callbacks.averaged_weights(trained, "ema"):   # shares the classifier with model
-            summary["ema_test_accuracy"] = accuracy(trained, test_x, y_test)
             save_release(model, os.path.join(run_dir, "ema_model.keras"))
     summary["wall_time_s"] = round(time.time() - start, 1)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -153,7 +153,8 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
     """The DP-SGD loop shared by every run: Poisson batches of rows of `x` (images or cached
     features), DPSGD, privacy budget, EMA, per-epoch test metrics, resumable checkpoints.
 
-    Returns the schedule and the privacy statement of the steps taken.
+    Returns the schedule, the privacy statement of the steps taken and the last row of the
+    run's metrics (final and EMA accuracy on the whole test set).
     """
     t, p = config["training"], config["privacy"]
     n = len(x)
@@ -176,7 +177,8 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
     if ema:
         fit_callbacks.append(callbacks.EMA(t["ema_decay"], use_for_validation=False))
     kept = config["run"]["training_metrics"]
-    fit_callbacks.append(RunMetrics(x_test, y_test, run_dir, ema, budget, verbose, kept))
+    metrics = RunMetrics(x_test, y_test, run_dir, ema, budget, verbose, kept)
+    fit_callbacks.append(metrics)
     if kept:     # TensorBoard logs Keras's training metrics too
         fit_callbacks += tensorboard_callbacks(run_dir)
     if verbose:
@@ -189,7 +191,7 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
               steps_per_epoch=schedule["steps_per_epoch"] * sampler.accumulation_steps,
               callbacks=fit_callbacks, verbose=0)   # progress: RunMetrics
     statement = budget.statement(p["l2_norm_clip"], augmult=max(1, t["augmult"]))
-    return schedule, statement
+    return schedule, statement, metrics.rows[-1]
 
 
 def _optimizer(config: dict, sampler, seed, noise_multiplier: float) -> DPSGD:
