@@ -88,6 +88,10 @@ def build_model(name: str, dataset: str, shape, private: bool = True):
     model_class = dks.DPScaleModel if private else keras.Model
     if name == "small_cnn":
         return dks.models.small_cnn(shape, 10, mean=mean, std=std, model_class=model_class)
+    if name.startswith("compact_cnn"):     # compact_cnn (ReLU) or compact_cnn_tanh
+        activation = name.removeprefix("compact_cnn").lstrip("_") or "relu"
+        return dks.models.compact_cnn(shape, 10, mean=mean, std=std, activation=activation,
+                                      model_class=model_class)
     if not name.startswith("wrn"):
         raise ValueError(f"unknown model {name!r}: small_cnn or wrnD_W (e.g. wrn10_1)")
     depth, width = (int(v) for v in name[3:].split("_"))
@@ -343,6 +347,19 @@ def load_results(path: pathlib.Path) -> dict:
     return {"runs": [], "throughput": []}
 
 
+def add_results(out: pathlib.Path, name: str, kind: str, records: list[dict]) -> None:
+    """Appends records to NAME.json's `kind` list ("runs" or "throughput") under a file lock,
+    so that several parts may run at once into the same results."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(out / f"{name}.json")
+        results.setdefault(kind, []).extend(records)
+        save_results(results, out, name)
+
+
 def save_results(results: dict, out: pathlib.Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
@@ -548,8 +565,7 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
     import dp_keras_scale  # noqa: F401  (TensorFlow, Keras classes)
 
     if args.part == "throughput":
-        results.setdefault("throughput", []).extend(throughput(args))
-        save_results(results, out, args.name)
+        add_results(out, args.name, "throughput", throughput(args))
         return
     data = load_data(args.dataset, args.train_subset, args.test_subset)
     args.train_n = len(data[0])
@@ -568,8 +584,7 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
               f"train {record['train_accuracy']:.4f} sigma {record['noise_multiplier']:.3f} "
               f"eps {record['epsilon']:.3f} steps {record['steps']} "
               f"{record['wall_time_s']:.0f} s", flush=True)
-        results["runs"].append(record)
-        save_results(results, out, args.name)   # after every run: a stopped study keeps it
+        add_results(out, args.name, "runs", [record])   # after every run: a stopped study keeps it
 
 
 def quick(args, results: dict, out: pathlib.Path) -> None:
