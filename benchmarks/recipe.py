@@ -1,8 +1,8 @@
 """The paper's recipe end to end on MNIST / Fashion-MNIST, split by claim (issue 17).
 
     python benchmarks/recipe.py --part batch_budget        # batch size x compute budget
-    python benchmarks/recipe.py --part augmult --batch-sizes 1024 --epochs 4
-    python benchmarks/recipe.py --part scale --models small_cnn,wrn10_1,wrn16_1
+    python benchmarks/recipe.py --part augmult --batch-sizes 1024 --epochs 8
+    python benchmarks/recipe.py --part scale --models compact_cnn,compact_cnn_x2,wrn10_1
     python benchmarks/recipe.py --part throughput          # DP / non-private images/s
     python benchmarks/recipe.py --part batch_budget --no-privacy --lrs 0.1,0.3,1
     python benchmarks/recipe.py --part batch_budget --no-noise --lrs 4
@@ -27,8 +27,12 @@ Parts (`--part`):
   budget; the best budget grows with B; the best accuracy rises with B.
 - ``augmult``: K of `--augmult` (1 = one augmented copy) at one (B, epochs): reflect-pad 2 +
   random crop (+ flip on Fashion-MNIST), same steps and sigma for every K.
-- ``scale``: the small CNN against WS/GroupNorm Wide-ResNets (`--models`: small_cnn,
-  wrnD_W with D = 6n+4) at one (B, epochs).
+- ``scale``: WS/GroupNorm models of growing size at one (B, epochs) (`--models`:
+  compact_cnn, compact_cnn_x2 (widths doubled), small_cnn, wrnD_W with D = 6n+4).
+
+The study's model (`--model`) is `dks.models.compact_cnn`: two strided WS convolutions with
+GroupNorm, about 26k parameters; a tenth of small_cnn's flops, so a 2-core CPU runs the
+budgets the claims need (32 epochs of Fashion-MNIST in about 10 minutes).
 - ``throughput``: images/s of one DP step (`DPScaleModel` + `DPSGD`, the study's micro-batch)
   against a plain Keras step of the same network on the same images.
 
@@ -64,9 +68,9 @@ CURVE_TEST_EXAMPLES = 2000
 TRAIN_EVAL_EXAMPLES = 10000
 NO_PRIVACY_CLIP = 1e6
 DEFAULTS = {  # part -> option defaults (full study); see --help
-    "batch_budget": {"batch_sizes": "256,1024,4096", "epochs": "1,2,4,8,16"},
-    "augmult": {"batch_sizes": "1024", "epochs": "4", "augmult": "1,2,4,8"},
-    "scale": {"batch_sizes": "1024", "epochs": "4", "models": "small_cnn,wrn10_1,wrn16_1"},
+    "batch_budget": {"batch_sizes": "4096,1024,256", "epochs": "2,8,32"},
+    "augmult": {"batch_sizes": "1024", "epochs": "8", "augmult": "1,2,4,8"},
+    "scale": {"batch_sizes": "1024", "epochs": "8", "models": "compact_cnn,compact_cnn_x2"},
     "throughput": {"batch_sizes": "256", "epochs": "1"},
 }
 
@@ -75,9 +79,10 @@ DEFAULTS = {  # part -> option defaults (full study); see --help
 
 
 def build_model(name: str, dataset: str, shape, private: bool = True):
-    """``small_cnn`` (the library's, widths 16-32-32-64) or ``wrnD_W`` (WS + GroupNorm
-    pre-activation Wide-ResNet), taking uint8-range pixels; standardized with the published
-    per-dataset constants."""
+    """``small_cnn`` (the library's, widths 16-32-32-64), ``compact_cnn`` (16-32, Dense 32;
+    ``compact_cnn_tanh``: tanh; ``compact_cnn_x2``: every width doubled) or ``wrnD_W`` (WS +
+    GroupNorm pre-activation Wide-ResNet), taking uint8-range pixels; standardized with the
+    published per-dataset constants."""
     import keras
     import numpy as np
 
@@ -88,12 +93,16 @@ def build_model(name: str, dataset: str, shape, private: bool = True):
     model_class = dks.DPScaleModel if private else keras.Model
     if name == "small_cnn":
         return dks.models.small_cnn(shape, 10, mean=mean, std=std, model_class=model_class)
-    if name.startswith("compact_cnn"):     # compact_cnn (ReLU) or compact_cnn_tanh
-        activation = name.removeprefix("compact_cnn").lstrip("_") or "relu"
-        return dks.models.compact_cnn(shape, 10, mean=mean, std=std, activation=activation,
-                                      model_class=model_class)
+    if name.startswith("compact_cnn"):     # compact_cnn[_tanh][_xM]: M times the widths
+        options = name.removeprefix("compact_cnn").split("_")[1:]
+        scale = int(options.pop()[1:]) if options and options[-1].startswith("x") else 1
+        activation = options[0] if options else "relu"
+        return dks.models.compact_cnn(shape, 10, widths=(16 * scale, 32 * scale),
+                                      hidden=32 * scale, mean=mean, std=std,
+                                      activation=activation, model_class=model_class)
     if not name.startswith("wrn"):
-        raise ValueError(f"unknown model {name!r}: small_cnn or wrnD_W (e.g. wrn10_1)")
+        raise ValueError(f"unknown model {name!r}: small_cnn, compact_cnn[_tanh][_xM] or "
+                         "wrnD_W (e.g. wrn10_1)")
     depth, width = (int(v) for v in name[3:].split("_"))
     body = dks.models.wide_resnet(depth, width, 10, groups=min(16, 16 * width // 2) or None,
                                   input_shape=shape, model_class=keras.Model)
@@ -505,7 +514,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", default=None, help="compute budgets (epochs), comma list")
     parser.add_argument("--augmult", default=None, help="K values for --part augmult")
     parser.add_argument("--models", default=None, help="models for --part scale/throughput")
-    parser.add_argument("--model", default="small_cnn", help="model of the other parts")
+    parser.add_argument("--model", default="compact_cnn", help="model of the other parts")
     parser.add_argument("--lrs", default=None,
                         help="learning-rate grid (default 2,4,8 with DP; 0.1,0.3,1 without)")
     parser.add_argument("--no-privacy", action="store_true",
@@ -555,7 +564,7 @@ def main(argv=None) -> None:
     for option, value in DEFAULTS[args.part].items():
         if getattr(args, option) is None:
             setattr(args, option, value)
-    args.models = args.models or "small_cnn"
+    args.models = args.models or "compact_cnn"
     args.augmult = args.augmult or "0"
     args.lrs = args.lrs or ("0.1,0.3,1" if args.no_privacy else "2,4,8")
     run_part(args, results, out)
@@ -590,23 +599,23 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
 def quick(args, results: dict, out: pathlib.Path) -> None:
     """Every part once on 1000 training / 300 test examples (a check, not a result)."""
     common = dict(dataset=args.dataset, epsilon=args.epsilon, delta=args.delta, seeds=1,
-                  model="small_cnn", no_privacy=False, no_noise=False, ema_decay=args.ema_decay,
+                  model="compact_cnn", no_privacy=False, no_noise=False, ema_decay=args.ema_decay,
                   microbatch=64, jit=args.jit, train_subset=args.train_subset or 1000,
                   test_subset=args.test_subset or 300, verbose=args.verbose, curve_points=3,
                   timing_steps=2, timing_rounds=1, name=args.name, clipping=args.clipping,
                   methods="nonprivate,dp_reference")
     plans = [dict(part="batch_budget", batch_sizes="64,128", epochs="0.5", lrs="4",
-                  augmult="0", models="small_cnn"),
+                  augmult="0", models="compact_cnn"),
              dict(part="batch_budget", batch_sizes="128", epochs="0.5", lrs="0.3",
-                  augmult="0", models="small_cnn", no_privacy=True),
+                  augmult="0", models="compact_cnn", no_privacy=True),
              dict(part="batch_budget", batch_sizes="64", epochs="0.5", lrs="4",
-                  augmult="0", models="small_cnn", no_noise=True),
+                  augmult="0", models="compact_cnn", no_noise=True),
              dict(part="augmult", batch_sizes="128", epochs="0.25", lrs="4", augmult="1,2",
-                  models="small_cnn"),
+                  models="compact_cnn"),
              dict(part="scale", batch_sizes="128", epochs="0.25", lrs="4", augmult="0",
-                  models="small_cnn,wrn10_1"),
+                  models="compact_cnn,small_cnn"),
              dict(part="throughput", batch_sizes="64", epochs="1", lrs="1", augmult="0",
-                  models="small_cnn")]
+                  models="compact_cnn")]
     parts = args.quick_parts.split(",") if args.quick_parts else PARTS
     for plan in plans:
         if plan["part"] not in parts:

@@ -40,3 +40,28 @@ def test_recipe_quick_writes_results(tmp_path):
     assert "Best budget per batch size" in report
     assert (tmp_path / "recipe_quick_batch_budget.png").stat().st_size > 1000
     assert not (tmp_path / "recipe.json").exists()      # a check never mixes into the study
+
+
+def _append(results_dir: str, start: int) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recipe
+
+    recipe.write_report = lambda *args: None     # the lock is under test, not the report
+    for i in range(start, start + 15):
+        recipe.add_results(pathlib.Path(results_dir), "shared", "runs", [{"part": "x", "i": i}])
+
+
+def test_parts_running_at_once_keep_every_run(tmp_path):
+    """Two processes appending to the same results file lose nothing (the file lock)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_append, args=(str(tmp_path), start))
+               for start in (0, 100)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    runs = json.loads((tmp_path / "shared.json").read_text())["runs"]
+    assert sorted(r["i"] for r in runs) == list(range(15)) + list(range(100, 115))
