@@ -300,7 +300,8 @@ def specs(args) -> list[dict]:
     lrs = [float(v) for v in args.lrs.split(",")]
     models = args.models.split(",") if args.part == "scale" else [args.model]
     ks = [int(v) for v in args.augmult.split(",")] if args.part == "augmult" else [0]
-    for seed in range(args.seeds):
+    seeds = [int(v) for v in str(args.seeds).split(",")]
+    for seed in (range(seeds[0]) if len(seeds) == 1 else seeds):
         for model in models:
             for batch in (int(v) for v in args.batch_sizes.split(",")):
                 for epochs in (float(v) for v in args.epochs.split(",")):
@@ -468,34 +469,39 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    line_keys = ("dataset", "privacy", "batch_size")
     x_key = {"batch_budget": "epochs", "augmult": "augmult", "scale": "model"}[part]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (label, group) in enumerate(_by(rows, line_keys).items()):
-        color = f"C{i % 10}"
-        xs = sorted({r[x_key] for r in group}, key=lambda v: (str(type(v)), v))
-        for weights, style in (("ema_test_accuracy", "-o"), ("test_accuracy", "--x")):
-            meds, lows, highs = [], [], []
-            for xv in xs:
-                values = [100 * r["pick"][weights] for r in group if r[x_key] == xv]
-                meds.append(statistics.median(values))
-                lows.append(meds[-1] - min(values))
-                highs.append(max(values) - meds[-1])
-            positions = xs if part != "scale" else list(range(len(xs)))
-            name = f"{label[0]} {label[1]} B={label[2]}"
-            ax.errorbar(positions, meds, yerr=[lows, highs], fmt=style, color=color,
-                        capsize=3, label=f"{name} ({'EMA' if 'ema' in weights else 'final'})")
-        if part == "scale":
-            ax.set_xticks(range(len(xs)), xs)
-    if part == "batch_budget":
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("epochs (compute budget) at the same epsilon")
-    else:
-        ax.set_xlabel({"augmult": "augmentation multiplicity K", "scale": "model"}[part])
-    ax.set_ylabel("test accuracy (%), best lr of the grid")
-    ax.set_title(f"{part}: median over seeds, bars = seed range")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    line_keys = tuple(k for k in ("privacy", "model", "batch_size") if k != x_key)
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for i, (label, group) in enumerate(_by([r for r in rows if r["dataset"] == dataset],
+                                               line_keys).items()):
+            color = f"C{i % 10}"
+            xs = sorted({r[x_key] for r in group}, key=lambda v: (str(type(v)), v))
+            for weights, style in (("ema_test_accuracy", "-o"), ("test_accuracy", "--x")):
+                meds, lows, highs = [], [], []
+                for xv in xs:
+                    values = [100 * r["pick"][weights] for r in group if r[x_key] == xv]
+                    meds.append(statistics.median(values))
+                    lows.append(meds[-1] - min(values))
+                    highs.append(max(values) - meds[-1])
+                positions = xs if part != "scale" else list(range(len(xs)))
+                name = " ".join(f"B={v}" if k == "batch_size" else str(v)
+                                for k, v in zip(line_keys, label))
+                ax.errorbar(positions, meds, yerr=[lows, highs], fmt=style, color=color,
+                            capsize=3,
+                            label=f"{name} ({'EMA' if 'ema' in weights else 'final'})")
+            if part == "scale":
+                ax.set_xticks(range(len(xs)), xs)
+        if part == "batch_budget":
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("epochs (compute budget) at the same epsilon")
+        else:
+            ax.set_xlabel({"augmult": "augmentation multiplicity K", "scale": "model"}[part])
+        ax.set_ylabel("test accuracy (%), best lr of the grid")
+        ax.set_title(f"{dataset} {part}: median over seeds, bars = seed range", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -509,7 +515,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--delta", type=float, default=1e-5)
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", default="1",
+                        help="N (seeds 0..N-1) or a comma list of seeds, e.g. 1,2")
     parser.add_argument("--batch-sizes", default=None, help="expected batch sizes, comma list")
     parser.add_argument("--epochs", default=None, help="compute budgets (epochs), comma list")
     parser.add_argument("--augmult", default=None, help="K values for --part augmult")
