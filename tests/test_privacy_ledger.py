@@ -330,6 +330,7 @@ def test_finished_and_foreign_directories_are_refused_and_stale_files_removed(tm
 def test_a_run_directory_states_deterministic_noise_and_releases_no_optimizer(tmp_path, capsys):
     run = str(tmp_path / "run")
     config = load_config("mnist_cpu", ["training.steps=2", "data.train_subset=1000",
+                                       "training.batch_size=256",
                                        "data.test_subset=200", "training.seed=3",
                                        "privacy.deterministic_noise=true",
                                        "run.training_metrics=false"])
