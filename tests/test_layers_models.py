@@ -124,4 +124,5 @@ def test_compact_cnn_config_needs_two_widths():
     model = registry.build_model(config, (28, 28, 1))
     assert model.name == "compact_cnn" and model.get_layer("conv2").filters == 16
     with pytest.raises(cfg.ConfigError, match="two numbers, e.g. \\[16, 32\\]"):
-        cfg.load_config("mnist_cpu", ["model.architecture=\"compact_cnn\""])
+        cfg.load_config("mnist_cpu", ["model.architecture=\"compact_cnn\"",
+                                      "model.widths=[16, 32, 32, 64]"])
