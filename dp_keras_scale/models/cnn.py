@@ -24,17 +24,10 @@ def small_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: int 
     Example:
         >>> model = small_cnn((28, 28, 1), 10, mean=0.286, std=0.353)   # about 33k parameters
     """
-    inputs = keras.Input(input_shape, name="images")
-    h = keras.layers.Rescaling(1 / 255.0)(inputs)
-    if mean is not None and std is not None:
-        h = keras.layers.Rescaling(1 / std, offset=-mean / std, name="standardize")(h)
+    inputs, h = _pixel_input(input_shape, mean, std)
     for i, width in enumerate(widths):
-        stride = 2 if i % 2 else 1
-        if weight_standardization:
-            h = WSConv2D(width, 3, strides=stride, name=f"conv{i + 1}")(h)
-        else:
-            h = keras.layers.Conv2D(width, 3, strides=stride, padding="same",
-                                    kernel_initializer="he_normal", name=f"conv{i + 1}")(h)
+        h = _conv(width, 3, 2 if i % 2 else 1, "same", weight_standardization,
+                  f"conv{i + 1}")(h)
         if groups:
             h = keras.layers.GroupNormalization(groups=min(groups, width),
                                                 name=f"norm{i + 1}")(h)
@@ -64,16 +57,9 @@ def compact_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: in
     """
     if len(widths) != 2:
         raise ValueError(f"compact_cnn takes two conv widths, e.g. (16, 32); got {widths}")
-    inputs = keras.Input(input_shape, name="images")
-    h = keras.layers.Rescaling(1 / 255.0)(inputs)
-    if mean is not None and std is not None:
-        h = keras.layers.Rescaling(1 / std, offset=-mean / std, name="standardize")(h)
+    inputs, h = _pixel_input(input_shape, mean, std)
     for i, (width, kernel, padding) in enumerate(zip(widths, (8, 4), ("same", "valid"))):
-        if weight_standardization:
-            h = WSConv2D(width, kernel, strides=2, padding=padding, name=f"conv{i + 1}")(h)
-        else:
-            h = keras.layers.Conv2D(width, kernel, strides=2, padding=padding,
-                                    kernel_initializer="he_normal", name=f"conv{i + 1}")(h)
+        h = _conv(width, kernel, 2, padding, weight_standardization, f"conv{i + 1}")(h)
         if groups:
             h = keras.layers.GroupNormalization(groups=min(groups, width),
                                                 name=f"norm{i + 1}")(h)
@@ -83,3 +69,22 @@ def compact_cnn(input_shape: tuple[int, int, int] = (28, 28, 1), num_classes: in
     h = keras.layers.Dense(hidden, activation=activation, name="hidden")(h)
     outputs = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="logits")(h)
     return model_class(inputs, outputs, name="compact_cnn")
+
+
+def _pixel_input(input_shape, mean: float | None, std: float | None):
+    """The images input (uint8 range) and its scaling to [0, 1], standardized when `mean` and
+    `std` (public constants) are given."""
+    inputs = keras.Input(input_shape, name="images")
+    h = keras.layers.Rescaling(1 / 255.0)(inputs)
+    if mean is not None and std is not None:
+        h = keras.layers.Rescaling(1 / std, offset=-mean / std, name="standardize")(h)
+    return inputs, h
+
+
+def _conv(width: int, kernel: int, stride: int, padding: str, weight_standardization: bool,
+          name: str) -> keras.layers.Layer:
+    """A WSConv2D (no bias), or a plain He-initialized Keras Conv2D for the ablation rows."""
+    if weight_standardization:
+        return WSConv2D(width, kernel, strides=stride, padding=padding, name=name)
+    return keras.layers.Conv2D(width, kernel, strides=stride, padding=padding,
+                               kernel_initializer="he_normal", name=name)
