@@ -300,8 +300,7 @@ def specs(args) -> list[dict]:
     lrs = [float(v) for v in args.lrs.split(",")]
     models = args.models.split(",") if args.part == "scale" else [args.model]
     ks = [int(v) for v in args.augmult.split(",")] if args.part == "augmult" else [0]
-    seeds = [int(v) for v in str(args.seeds).split(",")]
-    for seed in (range(seeds[0]) if len(seeds) == 1 else seeds):
+    for seed in seed_list(args.seeds):
         for model in models:
             for batch in (int(v) for v in args.batch_sizes.split(",")):
                 for epochs in (float(v) for v in args.epochs.split(",")):
@@ -316,6 +315,29 @@ def specs(args) -> list[dict]:
                                         "train_examples": args.train_n,
                                         "ema_decay": args.ema_decay})
     return out
+
+
+def seed_list(text) -> list[int]:
+    """``--seeds``: "N" = seeds 0..N-1, "a,b" = those seeds, "a-b" = a..b inclusive.
+
+    >>> seed_list("3"), seed_list("1,2"), seed_list("2-2")
+    ([0, 1, 2], [1, 2], [2])
+    """
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(v) for v in text.split(",") if v.strip()]
+        elif "-" in text:
+            first, last = (int(v) for v in text.split("-"))
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        seeds = None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r} names no seed: use N (seeds 0..N-1, N >= 1), a list "
+                         "such as 1,2, or a range such as 2-2 (seed 2 alone)")
+    return seeds
 
 
 ROW_KEYS = ("part", "dataset", "model", "batch_size", "epochs", "augmult", "no_privacy",
@@ -516,7 +538,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seeds", default="1",
-                        help="N (seeds 0..N-1) or a comma list of seeds, e.g. 1,2")
+                        help="N (seeds 0..N-1), a list (1,2) or a range (2-2: seed 2 alone)")
     parser.add_argument("--batch-sizes", default=None, help="expected batch sizes, comma list")
     parser.add_argument("--epochs", default=None, help="compute budgets (epochs), comma list")
     parser.add_argument("--augmult", default=None, help="K values for --part augmult")
@@ -555,6 +577,10 @@ def main(argv=None) -> None:
                         help="with --quick: only these parts (comma list; default all)")
     parser.add_argument("--verbose", type=int, default=1)
     args = parser.parse_args(argv)
+    try:
+        seed_list(args.seeds)
+    except ValueError as error:
+        parser.error(str(error))
     out = pathlib.Path(args.results)
     path = out / f"{args.name}.json"
     results = load_results(path)

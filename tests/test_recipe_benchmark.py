@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -65,3 +67,22 @@ def test_parts_running_at_once_keep_every_run(tmp_path):
         assert w.exitcode == 0
     runs = json.loads((tmp_path / "shared.json").read_text())["runs"]
     assert sorted(r["i"] for r in runs) == list(range(15)) + list(range(100, 115))
+
+
+def test_seeds_option_names_the_seeds_it_runs():
+    """--seeds: a count, a list or a range; one that names no seed is refused, not run as
+    nothing (a single seed k is the range k-k, not the count k)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from recipe import main, seed_list
+    finally:
+        sys.path.pop(0)
+    assert seed_list("3") == [0, 1, 2]
+    assert seed_list("1,2") == [1, 2]
+    assert seed_list("2-2") == [2]
+    assert seed_list("0-2") == [0, 1, 2]
+    for text in ("0", "3-1", "-1", "two", ","):
+        with pytest.raises(ValueError, match="names no seed"):
+            seed_list(text)
+    with pytest.raises(SystemExit):     # argparse error before any data is loaded
+        main(["--seeds", "0", "--report-only"])
