@@ -618,6 +618,9 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
     print(f"{args.part}: {len(todo)} run(s) to do ({len(done)} in {out / args.name}.json)",
           flush=True)
     for spec in todo:
+        # another process on the same results may have finished it meanwhile
+        if key(spec) in {key(r) for r in load_results(out / f"{args.name}.json")["runs"]}:
+            continue
         print(f"  {spec['model']} B={spec['batch_size']} epochs={spec['epochs']:g} "
               f"K={spec['augmult']} lr={spec['learning_rate']:g} seed={spec['seed']}"
               f" [{privacy_label(spec)}]", flush=True)
