@@ -64,6 +64,7 @@ def clipped_gradient_sum(
     *,
     model=None,
     method: str = "reference",
+    xla: bool = True,
 ) -> ClippedSum:
     """Sums per-example clipped gradients of `loss_fn` over a micro-batch.
 
@@ -85,6 +86,9 @@ def clipped_gradient_sum(
         rescale_to_unit_norm: divide clipped gradients by C (their norm is then <= 1).
         model: the Keras model `loss_fn` runs (needed by the batched path).
         method: "reference", or "auto" / "ghost" / "materialize" for the batched path.
+        xla: whether XLA compiles the step (the batched path then forms per-example
+            convolution kernel gradients with einsums; outside XLA, with one grouped native
+            op: each is much faster where it is used).
 
     Example:
         >>> out = clipped_gradient_sum(loss_fn, model.trainable_variables, x, y,
@@ -96,7 +100,7 @@ def clipped_gradient_sum(
 
         result = ghost_clipping.fast_clipped_gradient_sum(
             model, variables, x, y, weights, l2_norm_clip, rescale_to_unit_norm, method=method,
-            on_fallback=lambda reason: _warn_fallback(model, reason))
+            xla=xla, on_fallback=lambda reason: _warn_fallback(model, reason))
         if result is not None:
             return result
 

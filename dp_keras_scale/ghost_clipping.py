@@ -47,7 +47,8 @@ import tensorflow as tf
 
 from dp_keras_scale import _keras_compat
 from dp_keras_scale.clipping import ClippedSum, clip_factors
-from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient, image_patches,
+from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient,
+                                        grouped_kernel_gradients, image_patches,
                                         per_example_convolutions, per_example_kernel_gradients)
 
 METHODS = ("auto", "ghost", "materialize")
@@ -307,7 +308,7 @@ def _ws_stats(layer):
     return fan_in, s, active, u, gain
 
 
-def _conv_rule(rec: _Record, G, batch, copies, wanted, method):
+def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     layer = rec.layer
     ws = rec.kind == "ws"
     x = rec.inputs
@@ -330,9 +331,9 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method):
             g = _rows(G, batch)
             q_total = None if ws else _ghost_sq(patches, g)
         else:
-            per_kernel = tf.reshape(
-                per_example_kernel_gradients(x, G, (kh, kw), strides, padding, batch),
-                [batch, d_in, cout])
+            per_example = per_example_kernel_gradients if xla else grouped_kernel_gradients
+            per_kernel = per_example(x, G, (kh, kw), strides, padding, batch)
+            per_kernel = tf.reshape(per_kernel, [batch, d_in, cout])
         if ws:
             fan_in, s, active, u, gain = _ws_stats(layer)
             if ghost:
@@ -440,7 +441,7 @@ def model_example_loss(model: keras.Model) -> Callable:
 
 def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.Tensor,
                               l2_norm_clip: float, rescale_to_unit_norm: bool = False,
-                              method: str = "auto",
+                              method: str = "auto", xla: bool = True,
                               on_fallback: Callable[[str], None] | None = None
                               ) -> ClippedSum | None:
     """`clipping.clipped_gradient_sum` from one batched pass (see the module docstring).
@@ -453,6 +454,10 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
         l2_norm_clip, rescale_to_unit_norm: as for `clipped_gradient_sum`.
         method: "auto" (per layer, the cheaper of ghost norm and materialised per-example
             kernel gradients by a flop count), "ghost" or "materialize" (force one, for tests).
+        xla: whether XLA compiles the step. Materialised per-example convolution kernel
+            gradients are batched einsums under XLA, one grouped native op outside it (XLA
+            compiles the grouped op into very slow code; TensorFlow's own kernels run it at
+            about the cost of the batch's kernel gradient).
         on_fallback: called with the reason when this path returns None.
 
     Returns:
@@ -534,8 +539,10 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
             # Mixed precision: norms and sums in float32 from the same values, so that each
             # summed per-example gradient has exactly the norm its clip factor was computed from.
             rec.inputs, G = tf.cast(rec.inputs, tf.float32), tf.cast(G, tf.float32)
-        rule = _dense_rule if rec.kind == "dense" else _conv_rule
-        parts.append(rule(rec, G, batch, copies, wanted, method))
+        if rec.kind == "dense":
+            parts.append(_dense_rule(rec, G, batch, copies, wanted, method))
+        else:
+            parts.append(_conv_rule(rec, G, batch, copies, wanted, method, xla))
 
     weights = tf.clip_by_value(tf.cast(weights, losses.dtype), 0.0, 1.0)
     squared = tf.add_n([tf.cast(sq, losses.dtype) for sq, _ in parts])

@@ -290,6 +290,11 @@ class DPScaleModel(keras.Model):
         pred = self(x, training=True)
         return _keras_compat.compiled_loss(self, x, y, pred), pred
 
+    def _compiled_by_xla(self) -> bool:
+        """Whether XLA compiles the train step (jit_compile, or a TPU, which always does)."""
+        return bool(self.jit_compile) or isinstance(tf.distribute.get_strategy(),
+                                                    tf.distribute.TPUStrategy)
+
     def train_step(self, data):
         x, y, weights = keras.utils.unpack_x_y_sample_weight(data)
         if y is None:
@@ -310,7 +315,7 @@ class DPScaleModel(keras.Model):
             result = clipped_gradient_sum(
                 self._example_loss, self.trainable_variables, x, y, weights,
                 self.optimizer.l2_norm_clip, self.optimizer.rescale_to_unit_norm,
-                model=self, method=self.clipping_method)
+                model=self, method=self.clipping_method, xla=self._compiled_by_xla())
         logical_batch = None
         if self.optimizer.expected_batch_size is None:    # fixed-size batches: rows are public
             logical_batch = _global_rows(batch) * self.optimizer.dp_accumulation_steps

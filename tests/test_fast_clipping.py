@@ -75,8 +75,10 @@ def data(batch: int, copies: int, shape=(9, 9, 3), classes: int = 3, seed: int =
     return tf.constant(x), tf.constant(y)
 
 
-def both(model, x, y, weights, clip, method, rescale=False, jit=False):
-    """(fast ClippedSum, reference ClippedSum) inside one tf.function."""
+def both(model, x, y, weights, clip, method, rescale=False, jit=False, xla=None):
+    """(fast ClippedSum, reference ClippedSum) inside one tf.function (XLA-compiled if `jit`);
+    `xla`: the fast path's kernel-gradient form (default: the one for how it is compiled)."""
+    xla = jit if xla is None else xla
     weights = tf.constant(weights, tf.float32)
 
     def loss_fn(xi, yi):
@@ -86,7 +88,7 @@ def both(model, x, y, weights, clip, method, rescale=False, jit=False):
     @tf.function(jit_compile=jit)
     def run():
         fast = fast_clipped_gradient_sum(model, model.trainable_variables, x, y, weights, clip,
-                                         rescale, method=method)
+                                         rescale, method=method, xla=xla)
         assert fast is not None, "the model should be covered by the fast path"
         with fast_convolutions(model):
             ref = clipped_gradient_sum(loss_fn, model.trainable_variables, x, y, weights, clip,
@@ -122,15 +124,18 @@ def median_norm(model, x, y):
     return float(np.median(norms))
 
 
+@pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("copies", [1, 3])
-def test_every_layer_kind_matches_the_reference(method, copies):
+def test_every_layer_kind_matches_the_reference(method, copies, xla):
+    """Both forms of the per-example conv kernel gradients (the grouped native op used
+    outside XLA, the einsums used under it), here both run without XLA."""
     model = zoo()
     x, y = data(5, copies)
     assert supports_fast_clipping(model)
     clip = median_norm(model, x, y)
     weights = [1.0, 0.5, 0.0, 1.0, 1.0]
-    fast, ref = both(model, x, y, weights, clip, method)
+    fast, ref = both(model, x, y, weights, clip, method, xla=xla)
     assert 0 < ref.clipped.numpy() < 4          # some clipped, some not
     assert_same(fast, ref, model)
 
@@ -255,10 +260,16 @@ def test_fallback_warns_once_naming_the_reason(batch):
         np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-7)
 
 
-@pytest.mark.parametrize("method", ["auto", "reference"])
-def test_dp_model_fit_batched_and_reference_agree(batch, method):
+@pytest.mark.parametrize("method, jit", [("auto", False), ("auto", True), ("reference", False)])
+def test_dp_model_fit_batched_and_reference_agree(batch, method, jit, monkeypatch):
+    from dp_keras_scale import ghost_clipping
+
+    grouped_calls = []
+    grouped = ghost_clipping.grouped_kernel_gradients
+    monkeypatch.setattr(ghost_clipping, "grouped_kernel_gradients",
+                        lambda *a: grouped_calls.append(1) or grouped(*a))
     x, y = batch
-    model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05)
+    model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05, jit_compile=jit)
     model.clipping_method = method
     y_copies = np.repeat(y[:, None], 2, 1)
     expected = reference_clipped_sum(model, x, y_copies, np.ones(6), clip=0.05)
@@ -266,6 +277,8 @@ def test_dp_model_fit_batched_and_reference_agree(batch, method):
     model.train_on_batch(x, y)
     for b, a, e in zip(before, weights_of(model), expected):
         np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-8)
+    # the grouped kernel-gradient op (very slow under XLA) only in steps XLA does not compile
+    assert bool(grouped_calls) == (method == "auto" and not jit)
 
 
 def test_wsconv2d_native_gradient_outside_and_vectorizable_inside_per_example_code(batch):
@@ -324,3 +337,35 @@ def test_mixed_bfloat16_contribution_never_exceeds_the_clip_norm(method):
                            for g in out.gradients))
         assert out.clipped.numpy() == 1
         assert norm <= clip * (1 + 1e-5), norm
+
+
+@pytest.mark.parametrize("kernel, strides, padding, copies", [
+    ((3, 3), (1, 1), "SAME", 1), ((3, 3), (2, 2), "SAME", 2), ((8, 8), (2, 2), "SAME", 1),
+    ((4, 4), (2, 2), "VALID", 3), ((1, 1), (2, 2), "VALID", 2)])
+def test_grouped_and_einsum_per_example_kernel_gradients_equal_a_per_example_loop(
+        kernel, strides, padding, copies):
+    """Each example's kernel gradient (its copies summed), from TensorFlow's native op run on
+    that example alone, against both batched forms; the grouped one with an unknown batch."""
+    from dp_keras_scale.layers.conv import (grouped_kernel_gradients,
+                                            per_example_kernel_gradients)
+
+    rng = np.random.default_rng(3)
+    examples, channels, filters = 4, 3, 5
+    x = tf.constant(rng.normal(size=(examples * copies, 11, 11, channels)), tf.float32)
+    out = tf.nn.conv2d(x, tf.zeros([*kernel, channels, filters]), [1, *strides, 1], padding)
+    dy = tf.constant(rng.normal(size=out.shape), tf.float32)
+    loop = np.stack([tf.raw_ops.Conv2DBackpropFilter(
+        input=x[i * copies:(i + 1) * copies], filter_sizes=[*kernel, channels, filters],
+        out_backprop=dy[i * copies:(i + 1) * copies], strides=[1, *strides, 1],
+        padding=padding).numpy() for i in range(examples)])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *x.shape[1:]]),
+                                  tf.TensorSpec([None, *dy.shape[1:]])])
+    def grouped(x, dy):
+        return grouped_kernel_gradients(x, dy, kernel, strides, padding,
+                                        tf.shape(x)[0] // copies)
+
+    for got in (grouped(x, dy), per_example_kernel_gradients(x, dy, kernel, strides, padding,
+                                                             examples)):
+        assert got.shape == loop.shape
+        np.testing.assert_allclose(got.numpy(), loop, rtol=0, atol=1e-5 * np.abs(loop).max())

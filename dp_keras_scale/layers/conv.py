@@ -142,6 +142,37 @@ def per_example_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple
     return tf.reshape(dk, [examples, kh, kw, x.shape[-1], dy.shape[-1]])
 
 
+def grouped_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int, int],
+                             strides: tuple[int, int], padding: str, examples) -> tf.Tensor:
+    """`per_example_kernel_gradients` as ONE native kernel-gradient op with the examples as
+    convolution groups: example i's channels are group i of the input and of the output
+    gradient, its K copies the op's batch (summed, as the op sums its batch).
+
+    Outside XLA (TensorFlow's own CPU kernels) this costs about what the batch's kernel
+    gradient costs; XLA compiles grouped kernel gradients into very slow code, so use
+    `per_example_kernel_gradients` in XLA-compiled steps.
+
+    Example:
+        >>> grouped_kernel_gradients(tf.ones([4, 8, 8, 3]), tf.ones([4, 8, 8, 5]),
+        ...                          (3, 3), (1, 1), "SAME", 2).shape
+        TensorShape([2, 3, 3, 3, 5])
+    """
+    kh, kw = kernel_size
+    c, o = x.shape[-1], dy.shape[-1]
+
+    def examples_as_channels(t):        # [B*K, H, W, C] -> [K, H, W, B*C]
+        t = tf.reshape(t, tf.concat([[examples, -1], tf.shape(t)[1:]], 0))
+        t = tf.transpose(t, [1, 2, 3, 0, 4])
+        return tf.reshape(t, tf.concat([tf.shape(t)[:3], [-1]], 0))
+
+    dk = tf.raw_ops.Conv2DBackpropFilter(
+        input=examples_as_channels(x), filter_sizes=tf.stack([kh, kw, c, examples * o]),
+        out_backprop=examples_as_channels(dy), strides=[1, *strides, 1],
+        padding=padding.upper())
+    dk = tf.reshape(dk, tf.stack([kh, kw, c, examples, o]))
+    return tf.ensure_shape(tf.transpose(dk, [3, 0, 1, 2, 4]), [None, kh, kw, c, o])
+
+
 def batched_kernel_gradient(x: tf.Tensor, dy: tf.Tensor, kernel_shape, strides: tuple[int, int],
                             padding: str) -> tf.Tensor:
     """The kernel gradient summed over the batch (TensorFlow's native op)."""
