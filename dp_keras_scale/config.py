@@ -75,7 +75,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "sampling": "poisson", "deterministic_noise": False},
     "training": {"batch_size": 512, "microbatch_size": 192, "epochs": 2.0, "steps": 0,
                  "learning_rate": 4.0, "momentum": 0.0, "augmult": 0, "pad": 4, "flip": False,
-                 "ema_decay": 0.0, "seed": "random", "jit_compile": True},
+                 "ema_decay": 0.0, "seed": "random", "jit_compile": True,
+                 "clipping_method": "reference"},
     "finetune": {"source": "", "mode": "all_layers", "classifier": "reset", "feature_layer": "",
                  "image_size": 0, "pixel_range": "auto"},
 }
@@ -84,6 +85,7 @@ CHOICES: dict[tuple[str, str], tuple] = {
     ("data", "dataset"): tuple(DATASETS),
     ("model", "architecture"): ARCHITECTURES,
     ("model", "stem"): ("cifar", "imagenet"),
+    ("training", "clipping_method"): ("reference", "auto"),     # DPScaleModel.clipping_method
     ("privacy", "accountant"): ACCOUNTANTS,
     ("privacy", "sampling"): SAMPLINGS,
     ("finetune", "mode"): FINETUNE_MODES,

@@ -167,6 +167,7 @@ def _dp_fit(model: keras.Model, config: dict, x, y, x_test, y_test, run_dir: str
         optimizer=_optimizer(config, sampler, seed, schedule["noise_multiplier"]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], jit_compile=t["jit_compile"])
+    model.clipping_method = t["clipping_method"]
     budget = callbacks.PrivacyBudget(
         delta=p["delta"], sampling_rate=schedule["sampling_rate"], dataset_size=n,
         target_epsilon=p["target_epsilon"], planned_steps=schedule["steps"],

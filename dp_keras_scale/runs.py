@@ -40,7 +40,8 @@ __all__ = ["MIN_FALSE_POSITIVES", "RESUME_NEUTRAL_KEYS", "RUN_FILES", "RUN_OUTPU
 RUN_FILES = ("config.toml", "summary.json", "model.keras")
 #: Keys that may differ when an interrupted run resumes: they cannot change what is trained
 #: or what it spends (where the data lies, compilation, the description).
-RESUME_NEUTRAL_KEYS = (("data", "data_dir"), ("training", "jit_compile"), ("run", "description"),
+RESUME_NEUTRAL_KEYS = (("data", "data_dir"), ("training", "jit_compile"),
+                       ("training", "clipping_method"), ("run", "description"),
                        ("run", "training_metrics"))
 #: Files a run writes that describe its model; removed when a directory starts over.
 RUN_OUTPUTS = ("metrics.json", "metrics.csv", "privacy.json", "privacy.txt", "model.keras",

@@ -91,9 +91,11 @@ def test_wide_resnet_variants_and_bad_depth():
         dks.models.wide_resnet(depth=15)
 
 
-def test_compact_cnn_dp_update_matches_the_per_example_loop():
+@pytest.mark.parametrize("clipping_method, jit", [("reference", True), ("auto", False)])
+def test_compact_cnn_dp_update_matches_the_per_example_loop(clipping_method, jit):
     """The 8x8 / stride-2 and 4x4 / stride-2 WS convolutions, max-pooling and Dense layers of
-    `compact_cnn` go through the vectorized per-example path exactly."""
+    `compact_cnn` go exactly through the vectorized per-example path under XLA and through
+    the batched path without XLA (grouped kernel gradients: what the bundled CPU configs run)."""
     from conftest import assert_close, compile_dp, reference_clipped_sum
 
     rng = np.random.default_rng(3)
@@ -104,7 +106,8 @@ def test_compact_cnn_dp_update_matches_the_per_example_loop():
     assert model.count_params() == 26_106 and model.name == "compact_cnn"
     for layer in ("logits",):      # a zero classifier has zero gradients below it: perturb it
         model.get_layer(layer).kernel.assign(rng.normal(size=(32, 10)).astype(np.float32))
-    compile_dp(model, jit_compile=True, l2_norm_clip=0.1, learning_rate=1.0)
+    compile_dp(model, jit_compile=jit, l2_norm_clip=0.1, learning_rate=1.0)
+    model.clipping_method = clipping_method
     expected = reference_clipped_sum(model, x[:, None], y[:, None], np.ones(5), clip=0.1)
     before = [v.numpy() for v in model.trainable_variables]
     model.train_on_batch(x, y)
@@ -123,6 +126,9 @@ def test_compact_cnn_config_needs_two_widths():
 
     model = registry.build_model(config, (28, 28, 1))
     assert model.name == "compact_cnn" and model.get_layer("conv2").filters == 16
+    assert cfg.load_config("mnist_cpu")["training"]["clipping_method"] == "auto"
+    with pytest.raises(cfg.ConfigError, match="clipping_method.*reference, auto"):
+        cfg.load_config("mnist_cpu", ["training.clipping_method=\"ghost\""])
     with pytest.raises(cfg.ConfigError, match="two numbers, e.g. \\[16, 32\\]"):
         cfg.load_config("mnist_cpu", ["model.architecture=\"compact_cnn\"",
                                       "model.widths=[16, 32, 32, 64]"])
