@@ -179,6 +179,7 @@ def run_one(spec: dict, data, args) -> dict:
             "train_accuracy": final["train"], "ema_train_accuracy": final["ema_train"],
             "best": max(final["test"], final["ema_test"]),
             "curve": curve.rows, "wall_time_s": round(wall, 1),
+            "clipping_method": args.clipping, "jit_compile": args.jit,
             "examples_per_s": round(done * batch * max(1, spec["augmult"]) / wall, 1)}
 
 
@@ -249,7 +250,10 @@ def _accuracy(model, x, y) -> float:
 def throughput(args) -> list[dict]:
     """Images/s of a DP step (DPScaleModel + DPSGD, masked micro-batch of the study's size)
     and of a plain Keras step (keras.Model + SGD) of the same network on the same images,
-    median of `--timing-steps` after two warm-up steps; alternated over `--timing-rounds`."""
+    median of `--timing-steps` after two warm-up steps; alternated over `--timing-rounds`.
+
+    `--methods`: ``nonprivate``, ``dp_reference``, ``dp_auto`` (`DPScaleModel.clipping_method`),
+    each under XLA unless `--no-jit` or suffixed ``_nojit`` (e.g. ``dp_auto_nojit``)."""
     import keras
     import numpy as np
 
@@ -259,7 +263,9 @@ def throughput(args) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         for rnd in range(args.timing_rounds):
-            for method in args.methods.split(","):
+            for cell in args.methods.split(","):
+                method = cell.removesuffix("_nojit")
+                jit = args.jit and not cell.endswith("_nojit")
                 b = args.microbatch
                 shape = (28, 28, 1)
                 x = (rng.random((b, *shape)) * 255).astype("float32")
@@ -272,7 +278,7 @@ def throughput(args) -> list[dict]:
                 opt = (dks.DPSGD(1.0, l2_norm_clip=1.0, noise_multiplier=1.0,
                                  expected_batch_size=b) if private
                        else keras.optimizers.SGD(0.1))
-                model.compile(optimizer=opt, jit_compile=args.jit,
+                model.compile(optimizer=opt, jit_compile=jit,
                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
                 for _ in range(2):
                     model.train_on_batch(x, y)
@@ -283,11 +289,11 @@ def throughput(args) -> list[dict]:
                     times.append(time.perf_counter() - start)
                 seconds = statistics.median(times)
                 rows.append({"part": "throughput", "model": name, "method": method,
-                             "round": rnd, "jit": args.jit, "batch": b, "seconds_per_step": seconds,
+                             "round": rnd, "jit": jit, "batch": b, "seconds_per_step": seconds,
                              "images_per_s": b / seconds,
                              "load_average": os.getloadavg()[0]})
-                print(f"{name:10s} {method:10s} round {rnd}  {b / seconds:8.0f} img/s  "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                print(f"{name:10s} {method:12s} XLA {'on ' if jit else 'off'} round {rnd}  "
+                      f"{b / seconds:8.0f} img/s  (load {os.getloadavg()[0]:.1f})", flush=True)
     return rows
 
 
@@ -459,20 +465,31 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
     tp = results.get("throughput", [])
     if tp:
         lines += ["## throughput (DP step / non-private Keras step, same network and images)",
-                  "", "| model | micro-batch | XLA | DP clipping_method | non-private img/s "
-                  "| DP img/s | DP / non-private (rounds) |", "|---|---|---|---|---|---|---|"]
-        for (model, batch, jit), group in _by(tp, ("model", "batch", "jit")).items():
-            np_ = {r["round"]: r["images_per_s"] for r in group if r["method"] == "nonprivate"}
-            for method in sorted({r["method"] for r in group} - {"nonprivate"}):
-                dp = {r["round"]: r["images_per_s"] for r in group if r["method"] == method}
-                ratios = [dp[k] / np_[k] for k in dp if k in np_]
-                if not ratios:
+                  "", "Ratios are taken within a round (cells of one round run one after "
+                  "another in one process); median over rounds, rounds in brackets. "
+                  "\"fastest non-private\": the faster of the XLA and non-XLA Keras steps.", "",
+                  "| model | micro-batch | step | XLA | img/s | / non-private, same XLA "
+                  "| / fastest non-private |", "|---|---|---|---|---|---|---|"]
+        for (model, batch), group in _by(tp, ("model", "batch")).items():
+            fastest: dict[int, float] = {}
+            same: dict[tuple, float] = {}
+            for r in group:
+                if r["method"] == "nonprivate":
+                    fastest[r["round"]] = max(fastest.get(r["round"], 0.0), r["images_per_s"])
+                    same[(r["round"], r["jit"])] = r["images_per_s"]
+            for (method, jit), cells in _by(group, ("method", "jit")).items():
+                speeds = [r["images_per_s"] for r in cells]
+                row = f"| {model} | {batch} | {method} | {'on' if jit else 'off'} | " \
+                      f"{statistics.median(speeds):.0f} |"
+                if method == "nonprivate":
+                    lines.append(row + " | |")
                     continue
-                lines.append(f"| {model} | {batch} | {'on' if jit else 'off'} | {method} | "
-                             f"{statistics.median(np_.values()):.0f} | "
-                             f"{statistics.median(dp.values()):.0f} | "
-                             f"{statistics.median(ratios):.2f} "
-                             f"({', '.join(f'{v:.2f}' for v in ratios)}) |")
+                for base in (lambda r: same.get((r["round"], jit)),
+                             lambda r: fastest.get(r["round"])):
+                    ratios = [r["images_per_s"] / base(r) for r in cells if base(r)]
+                    row += (f" {statistics.median(ratios):.2f} "
+                            f"({', '.join(f'{v:.2f}' for v in ratios)}) |" if ratios else " |")
+                lines.append(row)
         lines.append("")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
@@ -558,10 +575,12 @@ def main(argv=None) -> None:
     parser.add_argument("--train-subset", type=int, default=0)
     parser.add_argument("--test-subset", type=int, default=0)
     parser.add_argument("--clipping", default="reference", choices=["reference", "auto"],
-                        help="DPScaleModel.clipping_method of the study's runs (reference: "
-                             "under XLA the default batched path recompiled every step here)")
-    parser.add_argument("--methods", default="nonprivate,dp_reference,dp_auto",
-                        help="--part throughput: steps to time")
+                        help="DPScaleModel.clipping_method of the study's runs; for compact_cnn "
+                             "'--clipping auto --no-jit' is the fastest DP step (part "
+                             "throughput), for the WRNs and small_cnn reference with XLA")
+    parser.add_argument("--methods",
+                        default="nonprivate,nonprivate_nojit,dp_reference,dp_auto_nojit",
+                        help="--part throughput: steps to time (suffix _nojit: without XLA)")
     parser.add_argument("--curve-points", type=int, default=CURVE_POINTS,
                         help="evaluation points of each run's curve besides the last step")
     parser.add_argument("--timing-steps", type=int, default=5)
