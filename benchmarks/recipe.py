@@ -577,7 +577,8 @@ def main(argv=None) -> None:
     parser.add_argument("--clipping", default="reference", choices=["reference", "auto"],
                         help="DPScaleModel.clipping_method of the study's runs; for compact_cnn "
                              "'--clipping auto --no-jit' is the fastest DP step (part "
-                             "throughput), for the WRNs and small_cnn reference with XLA")
+                             "throughput); for wrn10_1 the two are level, for small_cnn "
+                             "reference with XLA is faster")
     parser.add_argument("--methods",
                         default="nonprivate,nonprivate_nojit,dp_reference,dp_auto_nojit",
                         help="--part throughput: steps to time (suffix _nojit: without XLA)")
