@@ -18,8 +18,10 @@ backward pass of the whole micro-batch (all B x K copies as one batch), in four 
    standardised-kernel gradient ``h`` by three per-channel dot products (the standardisation's
    Jacobian is ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
    s = 1/||u||; where ``h`` is materialised the projection is applied to it per example, which
-   avoids cancellation), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``. Any other
-   layer with trainable variables (GroupNorm, custom layers) gets its per-example gradients by
+   avoids cancellation), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``.
+   GroupNormalization (channels last): scale ``sum G * x_hat`` and offset ``sum G`` over the
+   example's rows, ``x_hat`` the group-normalised input recomputed from the recorded input. Any
+   other layer with trainable variables (custom layers) gets its per-example gradients by
    re-running just that layer under `tf.vectorized_map`.
 4. **Sum (book-keeping).** With the clip factors known, the clipped sum of each layer is one
    contraction of the stored inputs with the re-weighted output gradients (a native batched
@@ -70,6 +72,11 @@ def _is_plain_dense(layer) -> bool:
             and not getattr(layer, "lora_enabled", False)
             and layer.dtype_policy.quantization_mode is None
             and getattr(layer, "_remat_mode", None) is None)
+
+
+def _is_plain_group_norm(layer) -> bool:
+    return (type(layer) is keras.layers.GroupNormalization and "call" not in vars(layer)
+            and layer.axis == -1)
 
 
 def _is_plain_conv(layer) -> bool:
@@ -182,6 +189,8 @@ def _plan(model: keras.Model, variables: list):
             kind = "dense"
         elif _is_plain_conv(layer):
             kind = "ws" if isinstance(layer, WSConv2D) else "conv"
+        elif _is_plain_group_norm(layer):
+            kind = "group_norm"     # recorded like "generic": input and output of `call`
         else:
             kind = "generic"
         for v in own:
@@ -387,6 +396,35 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     return sq, finish
 
 
+def _group_normalized(layer, x: tf.Tensor) -> tf.Tensor:
+    """``(x - mean) / sqrt(var + epsilon)`` per example and group, as GroupNormalization
+    computes it (float32; channels last)."""
+    x = tf.cast(x, tf.float32)
+    shape = tf.shape(x)
+    channels = x.shape[-1]
+    grouped = tf.reshape(x, tf.concat([shape[:-1], [layer.groups, channels // layer.groups]], 0))
+    axes = list(range(1, x.shape.rank - 1)) + [x.shape.rank]     # all but examples and group
+    mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
+    return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), shape)
+
+
+def _group_norm_rule(rec: _Record, G, batch, wanted):
+    """GroupNormalization's scale and offset, per example: sums of ``G * x_hat`` and ``G``."""
+    layer = rec.layer
+    G = tf.cast(G, tf.float32)
+    per_var = []
+    if layer.scale and _key(layer.gamma) in wanted:
+        x_hat = _group_normalized(layer, rec.inputs[0])
+        per_var.append((layer.gamma, tf.reduce_sum(_rows(G * x_hat, batch), axis=1)))
+    if layer.center and _key(layer.beta) in wanted:
+        per_var.append((layer.beta, tf.reduce_sum(_rows(G, batch), axis=1)))
+    sq = tf.add_n([tf.reduce_sum(tf.square(p), axis=1) for _, p in per_var])
+
+    def finish(factors, keep):
+        return {_key(v): _weighted_sum(p, factors, keep) for v, p in per_var}
+    return sq, finish
+
+
 def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
     """Per-example gradients of one layer's variables, re-running only that layer per example."""
     layer = rec.layer
@@ -483,7 +521,8 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
     def merge(t):
         return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
     x_flat = tf.nest.map_structure(merge, x)
-    original_calls = {id(layer): layer.call for layer, kind in plan if kind == "generic"}
+    original_calls = {id(layer): layer.call for layer, kind in plan
+                      if kind in ("generic", "group_norm")}
 
     recorder = _Recorder(plan, original_calls)
     # The tape watches the variables, so it records the whole forward pass and can give the
@@ -535,6 +574,9 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
             continue
         if G is None:
             G = tf.zeros_like(rec.output)
+        if rec.kind == "group_norm":
+            parts.append(_group_norm_rule(rec, G, batch, wanted))
+            continue
         if G.dtype != tf.float32 or rec.inputs.dtype != tf.float32:
             # Mixed precision: norms and sums in float32 from the same values, so that each
             # summed per-example gradient has exactly the norm its clip factor was computed from.

@@ -369,3 +369,26 @@ def test_grouped_and_einsum_per_example_kernel_gradients_equal_a_per_example_loo
                                                              examples)):
         assert got.shape == loop.shape
         np.testing.assert_allclose(got.numpy(), loop, rtol=0, atol=1e-5 * np.abs(loop).max())
+
+
+@pytest.mark.parametrize("scale, center", [(True, False), (False, True)])
+def test_group_norm_rule_with_scale_or_offset_alone(scale, center):
+    """GroupNormalization's closed-form rule (sum of G * x_hat, sum of G) with only one of its
+    variables, on 4-D and 3-D inputs, against the per-example reference."""
+    from dp_keras_scale.ghost_clipping import _plan
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    h = keras.layers.GroupNormalization(groups=2, scale=scale, center=center)(h)
+    h = keras.layers.Reshape((36, 4))(keras.layers.ReLU()(h))
+    h = keras.layers.GroupNormalization(groups=2, scale=scale, center=center)(h)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    model = _randomize(keras.Model(inputs, outputs), seed=4)
+    kinds = [kind for _, kind in _plan(model, model.trainable_variables)[0]]
+    assert kinds.count("group_norm") == 2
+    x, y = data(4, 2, shape=(6, 6, 4))
+    clip = median_norm(model, x, y)
+    for xla in (False, True):
+        fast, ref = both(model, x, y, [1.0, 0.5, 1.0, 1.0], clip, "auto", jit=xla)
+        assert_same(fast, ref, model)
