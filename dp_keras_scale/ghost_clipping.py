@@ -414,7 +414,8 @@ def _group_norm_rule(rec: _Record, G, batch, wanted):
     G = tf.cast(G, tf.float32)
     per_var = []
     if layer.scale and _key(layer.gamma) in wanted:
-        x_hat = _group_normalized(layer, rec.inputs[0])
+        x = rec.inputs[0] if rec.inputs else rec.kwargs["inputs"]      # call(x) or call(inputs=x)
+        x_hat = _group_normalized(layer, x)
         per_var.append((layer.gamma, tf.reduce_sum(_rows(G * x_hat, batch), axis=1)))
     if layer.center and _key(layer.beta) in wanted:
         per_var.append((layer.beta, tf.reduce_sum(_rows(G, batch), axis=1)))

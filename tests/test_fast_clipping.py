@@ -392,3 +392,28 @@ def test_group_norm_rule_with_scale_or_offset_alone(scale, center):
     for xla in (False, True):
         fast, ref = both(model, x, y, [1.0, 0.5, 1.0, 1.0], clip, "auto", jit=xla)
         assert_same(fast, ref, model)
+
+
+def test_group_norm_rule_when_called_with_keyword_inputs():
+    """A GroupNormalization called as ``layer(inputs=x)`` inside a custom layer still gets
+    the closed-form rule, equal to the reference."""
+    from dp_keras_scale.ghost_clipping import _plan
+
+    class Normalized(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.norm = keras.layers.GroupNormalization(groups=2)
+
+        def call(self, x):
+            return self.norm(inputs=x)
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 4))
+    h = Normalized()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.ReLU()(h)))
+    model = _randomize(keras.Model(inputs, outputs))
+    assert [kind for _, kind in _plan(model, model.trainable_variables)[0]] == [
+        "conv", "group_norm", "dense"]
+    x, y = data(4, 2, shape=(6, 6, 4))
+    fast, ref = both(model, x, y, [1.0, 1.0, 1.0, 1.0], median_norm(model, x, y), "auto")
+    assert_same(fast, ref, model)
