@@ -20,7 +20,8 @@ backward pass of the whole micro-batch (all B x K copies as one batch), in four 
    s = 1/||u||; where ``h`` is materialised the projection is applied to it per example, which
    avoids cancellation), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``.
    GroupNormalization (channels last): scale ``sum G * x_hat`` and offset ``sum G`` over the
-   example's rows, ``x_hat`` the group-normalised input recomputed from the recorded input. Any
+   example's rows; the layer runs as `layers.group_norm.group_normalization` (the same
+   function, its backward pass in closed form), which keeps ``x_hat``'s pieces. Any
    other layer with trainable variables (custom layers) gets its per-example gradients by
    re-running just that layer under `tf.vectorized_map`.
 4. **Sum (book-keeping).** With the clip factors known, the clipped sum of each layer is one
@@ -52,6 +53,7 @@ from dp_keras_scale.clipping import ClippedSum, clip_factors
 from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient,
                                         grouped_kernel_gradients, image_patches,
                                         per_example_convolutions, per_example_kernel_gradients)
+from dp_keras_scale.layers.group_norm import group_normalization, group_norm_parameter_rows
 
 METHODS = ("auto", "ghost", "materialize")
 
@@ -95,10 +97,11 @@ def _is_plain_conv(layer) -> bool:
 @dataclasses.dataclass
 class _Record:
     layer: keras.layers.Layer
-    kind: str                 # "dense", "conv", "ws", "generic"
+    kind: str                 # "dense", "conv", "ws", "group_norm", "generic"
     inputs: object = None     # the layer's (first) input, or the args nest for "generic"
     kwargs: dict = None
     output: object = None     # pre-activation output (dense/conv/ws) or the layer output
+    normalized: object = None  # group_norm: its `GroupNormalized` pieces
     calls: int = 0
 
 
@@ -128,6 +131,8 @@ class _Recorder:
                 self._patch(layer, "call", self._dense_call(layer))
             elif rec.kind in ("conv", "ws"):
                 self._patch(layer, "convolution_op", self._conv_op(layer, rec.kind))
+            elif rec.kind == "group_norm":
+                self._patch(layer, "call", self._group_norm_call(layer))
             else:
                 self._patch(layer, "call", self._generic_call(layer))
         return self
@@ -162,6 +167,17 @@ class _Recorder:
             return z
         return convolution_op
 
+    def _group_norm_call(self, layer):
+        def call(*args, **kwargs):          # call(x) or call(inputs=x)
+            x = args[0] if args else kwargs["inputs"]
+            normalized = group_normalization(x, layer.groups, layer.epsilon,
+                                             layer.gamma if layer.scale else None,
+                                             layer.beta if layer.center else None)
+            z = tf.cast(tf.cast(normalized.output, x.dtype), layer.compute_dtype)  # as Keras
+            self._record(layer, output=z, normalized=normalized)
+            return z
+        return call
+
     def _generic_call(self, layer):
         original = self.original_calls[id(layer)]
 
@@ -190,7 +206,7 @@ def _plan(model: keras.Model, variables: list):
         elif _is_plain_conv(layer):
             kind = "ws" if isinstance(layer, WSConv2D) else "conv"
         elif _is_plain_group_norm(layer):
-            kind = "group_norm"     # recorded like "generic": input and output of `call`
+            kind = "group_norm"     # run by `group_normalization`, which records x_hat
         else:
             kind = "generic"
         for v in own:
@@ -396,29 +412,14 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     return sq, finish
 
 
-def _group_normalized(layer, x: tf.Tensor) -> tf.Tensor:
-    """``(x - mean) / sqrt(var + epsilon)`` per example and group, as GroupNormalization
-    computes it (float32; channels last)."""
-    x = tf.cast(x, tf.float32)
-    shape = tf.shape(x)
-    channels = x.shape[-1]
-    grouped = tf.reshape(x, tf.concat([shape[:-1], [layer.groups, channels // layer.groups]], 0))
-    axes = list(range(1, x.shape.rank - 1)) + [x.shape.rank]     # all but examples and group
-    mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
-    return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), shape)
-
-
 def _group_norm_rule(rec: _Record, G, batch, wanted):
     """GroupNormalization's scale and offset, per example: sums of ``G * x_hat`` and ``G``."""
     layer = rec.layer
-    G = tf.cast(G, tf.float32)
-    per_var = []
-    if layer.scale and _key(layer.gamma) in wanted:
-        x = rec.inputs[0] if rec.inputs else rec.kwargs["inputs"]      # call(x) or call(inputs=x)
-        x_hat = _group_normalized(layer, x)
-        per_var.append((layer.gamma, tf.reduce_sum(_rows(G * x_hat, batch), axis=1)))
-    if layer.center and _key(layer.beta) in wanted:
-        per_var.append((layer.beta, tf.reduce_sum(_rows(G, batch), axis=1)))
+    gamma_rows, beta_rows = group_norm_parameter_rows(rec.normalized, G)
+    per_var = [(v, tf.reduce_sum(_rows(rows, batch), axis=1))
+               for v, rows, used in ((layer.gamma, gamma_rows, layer.scale),
+                                     (layer.beta, beta_rows, layer.center))
+               if used and _key(v) in wanted]
     sq = tf.add_n([tf.reduce_sum(tf.square(p), axis=1) for _, p in per_var])
 
     def finish(factors, keep):
@@ -522,8 +523,7 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
     def merge(t):
         return tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))
     x_flat = tf.nest.map_structure(merge, x)
-    original_calls = {id(layer): layer.call for layer, kind in plan
-                      if kind in ("generic", "group_norm")}
+    original_calls = {id(layer): layer.call for layer, kind in plan if kind == "generic"}
 
     recorder = _Recorder(plan, original_calls)
     # The tape watches the variables, so it records the whole forward pass and can give the

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import dp_keras_scale as dks
 from dp_keras_scale.layers.conv import conv2d
+from dp_keras_scale.layers.group_norm import group_normalization, group_norm_parameter_rows
 
 
 @pytest.mark.parametrize("stride,padding,size,kernel", [
@@ -30,6 +31,45 @@ def test_conv2d_matches_tf_conv_and_its_gradients(stride, padding, size, kernel)
         results.append([y, *tape.gradient(loss, [x, k])])
     for expected, actual in zip(*results):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,groups,scale,center", [
+    ((3, 6, 5, 8), 4, True, True), ((3, 6, 5, 8), 1, True, False), ((3, 6, 5, 8), 8, False, True),
+    ((4, 7, 6), 2, True, True)])
+def test_group_normalization_matches_keras_layer_and_its_gradients(shape, groups, scale, center):
+    """The closed-form GroupNorm (used by the DP step) against keras.layers.GroupNormalization:
+    output, gradients for the input, gamma and beta under a random output gradient (inputs
+    with a large mean, so that cancellation would show), and the per-row gamma / beta
+    gradients against a per-example loop of the Keras layer."""
+    rng = np.random.default_rng(sum(shape) + groups)
+    x = tf.constant(rng.normal(size=shape) * 3 + 5, tf.float32)
+    probe = tf.constant(rng.normal(size=shape), tf.float32)
+    layer = keras.layers.GroupNormalization(groups=groups, scale=scale, center=center,
+                                            epsilon=1e-3)
+    layer.build(shape)
+    for v in layer.weights:
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    params = [v for v, used in ((layer.gamma, scale), (layer.beta, center)) if used]
+    results = []
+    for fn in (layer, lambda t: group_normalization(t, groups, 1e-3,
+                                                     layer.gamma if scale else None,
+                                                     layer.beta if center else None).output):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z = fn(x)
+            loss = tf.reduce_sum(z * probe)
+        results.append([z, *tape.gradient(loss, [x, *params])])
+    for expected, actual in zip(*results):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+    gamma_rows, beta_rows = group_norm_parameter_rows(
+        group_normalization(x, groups, 1e-3), probe)
+    for i in range(shape[0]):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x[i:i + 1]) * probe[i:i + 1])
+        expected = tape.gradient(loss, params)
+        actual = [rows[i] for rows, used in ((gamma_rows, scale), (beta_rows, center)) if used]
+        for e, a in zip(expected, actual, strict=True):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
 
 
 def test_per_example_kernel_gradients_vectorize_without_a_loop():
