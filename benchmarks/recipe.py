@@ -246,6 +246,19 @@ def _accuracy(model, x, y) -> float:
 
 # --------------------------------------------------------------------------- throughput
 
+def source_commit() -> str | None:
+    """The checkout's commit (suffix "+" when files differ from it), or None outside git."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=RESULTS.parent, capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+" if dirty else "")
+
+
 
 def throughput(args) -> list[dict]:
     """Images/s of a DP step (DPScaleModel + DPSGD, masked micro-batch of the study's size)
@@ -261,6 +274,7 @@ def throughput(args) -> list[dict]:
 
     rng = np.random.default_rng(0)
     rows = []
+    commit = source_commit()
     for name in args.models.split(","):
         for rnd in range(args.timing_rounds):
             for cell in args.methods.split(","):
@@ -290,7 +304,7 @@ def throughput(args) -> list[dict]:
                 seconds = statistics.median(times)
                 rows.append({"part": "throughput", "model": name, "method": method,
                              "round": rnd, "jit": jit, "batch": b, "seconds_per_step": seconds,
-                             "images_per_s": b / seconds,
+                             "images_per_s": b / seconds, "commit": commit,
                              "load_average": os.getloadavg()[0]})
                 print(f"{name:10s} {method:12s} XLA {'on ' if jit else 'off'} round {rnd}  "
                       f"{b / seconds:8.0f} img/s  (load {os.getloadavg()[0]:.1f})", flush=True)
@@ -385,15 +399,21 @@ def load_results(path: pathlib.Path) -> dict:
     return {"runs": [], "throughput": []}
 
 
-def add_results(out: pathlib.Path, name: str, kind: str, records: list[dict]) -> None:
+def add_results(out: pathlib.Path, name: str, kind: str, records: list[dict],
+                supersede: tuple[str, ...] = ()) -> None:
     """Appends records to NAME.json's `kind` list ("runs" or "throughput") under a file lock,
-    so that several parts may run at once into the same results."""
+    so that several parts may run at once into the same results. Earlier records that agree
+    with a new one on every key of `supersede` are dropped (a re-measurement replaces them)."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results(out / f"{name}.json")
+        if supersede:
+            new = {tuple(r.get(k) for k in supersede) for r in records}
+            results[kind] = [r for r in results.get(kind, [])
+                             if tuple(r.get(k) for k in supersede) not in new]
         results.setdefault(kind, []).extend(records)
         save_results(results, out, name)
 
@@ -627,7 +647,8 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
     import dp_keras_scale  # noqa: F401  (TensorFlow, Keras classes)
 
     if args.part == "throughput":
-        add_results(out, args.name, "throughput", throughput(args))
+        add_results(out, args.name, "throughput", throughput(args),
+                    supersede=("model", "batch"))
         return
     data = load_data(args.dataset, args.train_subset, args.test_subset)
     args.train_n = len(data[0])
