@@ -43,6 +43,8 @@ examples; either way each example's gradient depends on its own rows only.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from collections.abc import Callable
 
 import keras
@@ -234,10 +236,32 @@ def _rows(t: tf.Tensor, batch) -> tf.Tensor:
     return tf.reshape(t, [batch, -1, t.shape[-1]])
 
 
-def _mask_rows(t: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
-    """Zero the leading-axis entries (examples) where `keep` is False."""
-    keep = tf.reshape(keep, [-1] + [1] * (t.shape.rank - 1))
-    return tf.where(keep, t, tf.zeros_like(t))
+WS_NORM_FLOOR = 0.1
+
+
+class _Part(typing.NamedTuple):
+    """One layer's share: per-example squared norms [B], the function that forms its clipped
+    sums, and optionally a lower bound [B] on the example's squared norm (see `_conv_rule`)."""
+    sq: tf.Tensor
+    finish: Callable
+    floor: tf.Tensor | None = None
+
+
+class _Weights(typing.NamedTuple):
+    """What the sum stage needs: each example's clip factor times its weight (zero for a
+    dropped example), which examples count, and whether every example's gradient is finite
+    (then a zero factor already removes a dropped example exactly and no masking pass is
+    needed; a NaN or inf row would survive a zero factor, so it is masked)."""
+    factors: tf.Tensor      # [B]
+    keep: tf.Tensor         # [B] bool
+    all_finite: tf.Tensor   # scalar bool
+
+
+def _mask_rows(t: tf.Tensor, keep: tf.Tensor, axis: int = 0) -> tf.Tensor:
+    """Zero the entries of `t` along `axis` (examples) where `keep` is False."""
+    shape = [1] * t.shape.rank
+    shape[axis] = -1
+    return tf.where(tf.reshape(keep, shape), t, tf.zeros_like(t))
 
 
 def _rows_per_example(t: tf.Tensor, copies) -> int | None:
@@ -248,20 +272,26 @@ def _rows_per_example(t: tf.Tensor, copies) -> int | None:
     return copies * int(inner.num_elements())
 
 
-def _scale_rows(t: tf.Tensor, factors, keep: tf.Tensor) -> tf.Tensor:
-    """Rows ([B*K, ...]) of example i times factors[i] (None: times 1), exactly zero where
-    `keep` is False (so NaN rows of dropped examples vanish)."""
-    b = tf.shape(keep)[0]
+def _scale_rows(t: tf.Tensor, w: _Weights, scale: bool = True) -> tf.Tensor:
+    """Rows ([B*K, ...]) of example i times w.factors[i] (`scale` False: times 1), exactly
+    zero where `w.keep` is False (so NaN rows of dropped examples vanish)."""
+    b = tf.shape(w.keep)[0]
     tb = tf.reshape(t, tf.concat([[b, -1], tf.shape(t)[1:]], 0))
     shape = [-1] + [1] * (tb.shape.rank - 1)
-    if factors is not None:
-        tb = tb * tf.reshape(factors, shape)
-    tb = tf.where(tf.reshape(keep, shape), tb, tf.zeros_like(tb))
+    if scale:
+        tb = tb * tf.reshape(w.factors, shape)
+    tb = tf.cond(w.all_finite, lambda: tb, lambda: _mask_rows(tb, w.keep))
     return tf.reshape(tb, tf.shape(t))
 
 
-def _weighted_sum(per_example: tf.Tensor, factors, keep) -> tf.Tensor:
-    return tf.tensordot(factors, _mask_rows(per_example, keep), axes=1)
+def _weighted_sum(per_example: tf.Tensor, w: _Weights, axis: int = 0) -> tf.Tensor:
+    """sum_i factors[i] * per_example[i], the examples along `axis` (0, or 1 of [D, B, o])."""
+    def total(t):
+        if axis == 0:
+            return tf.tensordot(w.factors, t, axes=1)
+        return tf.matmul(tf.reshape(w.factors, [1, 1, -1]), t)[:, 0, :]
+    return tf.cond(w.all_finite, lambda: total(per_example),
+                   lambda: total(_mask_rows(per_example, w.keep, axis)))
 
 
 def _ghost_sq(a: tf.Tensor, g: tf.Tensor) -> tf.Tensor:
@@ -305,18 +335,18 @@ def _dense_rule(rec: _Record, G, batch, copies, wanted, method):
     if bias_sq is not None:
         sq += bias_sq
 
-    def finish(factors, keep):
+    def finish(w: _Weights):
         out = {}
         if kernel_key is not None:
             if per_kernel is not None:
-                out[kernel_key] = _weighted_sum(per_kernel, factors, keep)
+                out[kernel_key] = _weighted_sum(per_kernel, w)
             else:
-                out[kernel_key] = tf.einsum(
-                    "bnd,bno->do", _mask_rows(a, keep), _scale_rows(g, factors, keep))
+                out[kernel_key] = tf.einsum("bnd,bno->do", _scale_rows(a, w, scale=False),
+                                            _scale_rows(g, w))
         if bias_part is not None:
-            out[_key(bias_part[0])] = _weighted_sum(bias_part[1], factors, keep)
+            out[_key(bias_part[0])] = _weighted_sum(bias_part[1], w)
         return out
-    return sq, finish
+    return _Part(sq, finish)
 
 
 def _ws_stats(layer):
@@ -331,6 +361,13 @@ def _ws_stats(layer):
     u = tf.reshape(kernel - mean, [-1, cout])                              # [D, o]
     gain = tf.reshape(tf.convert_to_tensor(layer.gain), [cout])
     return fan_in, s, active, u, gain
+
+
+def _nan_where_nonfinite(sq: tf.Tensor, per_channel: tf.Tensor) -> tf.Tensor:
+    """`sq` [B], NaN for the examples whose [B, o] entries are not all finite (so that they
+    are dropped even where a closed form would cancel the non-finite part away)."""
+    finite = tf.reduce_all(tf.math.is_finite(per_channel), axis=1)
+    return tf.where(finite, sq, tf.fill(tf.shape(sq), float("nan")))
 
 
 def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
@@ -348,68 +385,100 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     want_gain = ws and _key(gain_var) in wanted
     sq = tf.zeros([batch], G.dtype)
     ghost = _use_ghost(method, positions, d_in, cout)
-    per_kernel = None                                                     # [B, D, o]
-    patches = None
-    if want_kernel or want_gain:
-        if ghost:
-            patches = _rows(image_patches(x, (kh, kw), strides, padding), batch)   # [B, n, D]
-            g = _rows(G, batch)
-            q_total = None if ws else _ghost_sq(patches, g)
+    # Materialised per-example kernel gradients h: [B, D, o] under XLA (batched einsums);
+    # outside XLA [D, B, o], the grouped native op's own layout (no transpose pass).
+    per_kernel, examples_axis = None, 0
+    patches = g = None
+    if want_kernel and not ghost:
+        if xla:
+            per_kernel = tf.reshape(per_example_kernel_gradients(
+                x, G, (kh, kw), strides, padding, batch), [batch, d_in, cout])
         else:
-            per_example = per_example_kernel_gradients if xla else grouped_kernel_gradients
-            per_kernel = per_example(x, G, (kh, kw), strides, padding, batch)
-            per_kernel = tf.reshape(per_kernel, [batch, d_in, cout])
-        if ws:
-            fan_in, s, active, u, gain = _ws_stats(layer)
-            if ghost:
-                # per channel: q = ||h_o||^2, m = sum(h_o), p = u_o . h_o, with h = a^T g
-                aa = tf.matmul(patches, patches, transpose_b=True)          # [B, n, n]
-                q = tf.reduce_sum(tf.matmul(aa, g) * g, axis=1)
+            per_kernel = tf.reshape(grouped_kernel_gradients(
+                x, G, (kh, kw), strides, padding, batch, examples_first=False),
+                [d_in, batch, cout])
+            examples_axis = 1
+    elif (want_kernel or want_gain) and ghost:
+        patches = _rows(image_patches(x, (kh, kw), strides, padding), batch)   # [B, n, D]
+        g = _rows(G, batch)
+    d_axis = 1 - examples_axis
+
+    def per_example_sum(t):     # [N, Ho, Wo, o] -> [B, o]: over the example's rows
+        return tf.reduce_sum(_rows(t, batch), axis=1)
+
+    floor = None
+    gain_rows = None
+    if ws and (want_kernel or want_gain):
+        fan_in, s, active, u, gain = _ws_stats(layer)
+        # per channel, with h the example's standardised-kernel gradient: p = u . h,
+        # m = sum(h) (from the activations: no pass over h), q = ||h||^2
+        conv = functools.partial(tf.nn.conv2d, strides=[1, *strides, 1], padding=padding)
+        if patches is not None:
+            p = tf.einsum("bno,bno->bo", tf.matmul(patches, u), g)
+        else:
+            p = per_example_sum(conv(x, tf.reshape(u, [kh, kw, cin, cout])) * G)
+        if want_kernel:
+            if patches is not None:
                 m = tf.einsum("bn,bno->bo", tf.reduce_sum(patches, axis=2), g)
-                p = tf.einsum("bno,bno->bo", tf.matmul(patches, u), g)
+                q = tf.reduce_sum(tf.matmul(tf.matmul(patches, patches, transpose_b=True), g)
+                                  * g, axis=1)
             else:
-                q = tf.reduce_sum(tf.square(per_kernel), axis=1)
-                m = tf.reduce_sum(per_kernel, axis=1)
-                p = tf.einsum("bdo,do->bo", per_kernel, u)
-            if want_kernel and per_kernel is not None:
-                # the raw-kernel gradient itself (no cancellation in the norm): h - mean(h)
-                # - a s^2 (u . h) u, per channel, times g s
-                raw = (per_kernel - m[:, None, :] / fan_in
-                       - (active * tf.square(s) * p)[:, None, :] * u[None])
-                sq += tf.reduce_sum(tf.square(raw) * tf.square(gain * s), axis=[1, 2])
-            elif want_kernel:
-                inner = tf.maximum(q - tf.square(m) / fan_in - active * tf.square(s * p), 0.0)
-                sq += tf.reduce_sum(tf.square(gain * s) * inner, axis=1)
-            if want_gain:
-                sq += tf.reduce_sum(tf.square(s * p), axis=1)
-        elif want_kernel:
-            sq += q_total if ghost else tf.reduce_sum(tf.square(per_kernel), axis=[1, 2])
+                m = per_example_sum(conv(x, tf.ones([kh, kw, cin, 1], x.dtype)) * G)
+                q = tf.reduce_sum(tf.square(per_kernel), axis=d_axis)
+            # The kernel's sum is pushed through the standardisation once, after the
+            # examples are summed (see `finish`); its rounding is relative to |h|, not to the
+            # projected |P h|, so each example's norm is at least WS_NORM_FLOOR * g s |h| (a
+            # bound on what rounding can add to a clipped contribution; it binds only for an
+            # example whose gradient the projection removes almost entirely).
+            floor = tf.reduce_sum(tf.square(gain * s) * q, axis=1) * WS_NORM_FLOOR ** 2
+            # ||h - mean(h) - a s^2 (u . h) u||^2 per channel, in closed form
+            inner = q - tf.square(m) / fan_in - active * tf.square(s * p)
+            if per_kernel is not None:
+                def projected():
+                    """The same from the projection applied to h itself, where the closed
+                    form cancels (float32 keeps about 7 digits of q)."""
+                    per_ex = lambda t: tf.expand_dims(t, d_axis)          # [B, o]
+                    per_ch = lambda t: tf.expand_dims(t, examples_axis)   # [D, o]
+                    raw = (per_kernel - per_ex(m / fan_in)
+                           - per_ex(active * tf.square(s) * p) * per_ch(u))
+                    return tf.reduce_sum(tf.square(raw), axis=d_axis)
+                inner = tf.cond(tf.reduce_any(inner < 0.1 * q), projected, lambda: inner)
+            sq += _nan_where_nonfinite(
+                tf.reduce_sum(tf.square(gain * s) * tf.maximum(inner, 0.0), axis=1), q)
+        if want_gain:       # its per-example gradient itself, summed exactly as normed
+            gain_rows = s * p
+            sq += tf.reduce_sum(tf.square(gain_rows), axis=1)
+    elif want_kernel:
+        sq += (_ghost_sq(patches, g) if ghost
+               else tf.reduce_sum(tf.square(per_kernel), axis=[d_axis, 2]))
     bias_sq, bias_part = _bias_rule(layer, G, batch, wanted)
     if bias_sq is not None:
         sq += bias_sq
 
-    def finish(factors, keep):
+    def finish(w: _Weights):
         out = {}
-        if want_kernel or want_gain:
+        if want_kernel:
             if per_kernel is not None:
-                total = tf.reshape(_weighted_sum(per_kernel, factors, keep), [kh, kw, cin, cout])
-            else:
-                total = batched_kernel_gradient(_scale_rows(x, None, keep),
-                                                _scale_rows(G, factors, keep), (kh, kw, cin, cout),
+                total = tf.reshape(_weighted_sum(per_kernel, w, examples_axis),
+                                   [kh, kw, cin, cout])
+            else:       # book-keeping: one native kernel gradient of re-weighted rows
+                total = batched_kernel_gradient(_scale_rows(x, w, scale=False),
+                                                _scale_rows(G, w), (kh, kw, cin, cout),
                                                 strides, padding)
             if ws:      # through the standardisation once, for the sum
-                sources = [v for v in (kernel_var, gain_var) if _key(v) in wanted]
                 with tf.GradientTape() as tape:
                     standardized = layer.standardized_kernel()
-                grads = tape.gradient(standardized, sources, output_gradients=total)
-                for v, gr in zip(sources, grads):
-                    out[_key(v)] = tf.zeros(v.shape, total.dtype) if gr is None else gr
+                grad = tape.gradient(standardized, kernel_var, output_gradients=total)
+                out[_key(kernel_var)] = tf.zeros(kernel_var.shape, total.dtype) \
+                    if grad is None else grad
             else:
                 out[_key(kernel_var)] = total
+        if gain_rows is not None:
+            out[_key(gain_var)] = _weighted_sum(gain_rows, w)
         if bias_part is not None:
-            out[_key(bias_part[0])] = _weighted_sum(bias_part[1], factors, keep)
+            out[_key(bias_part[0])] = _weighted_sum(bias_part[1], w)
         return out
-    return sq, finish
+    return _Part(sq, finish, floor)
 
 
 def _group_norm_rule(rec: _Record, G, batch, wanted):
@@ -422,9 +491,9 @@ def _group_norm_rule(rec: _Record, G, batch, wanted):
                if used and _key(v) in wanted]
     sq = tf.add_n([tf.reduce_sum(tf.square(p), axis=1) for _, p in per_var])
 
-    def finish(factors, keep):
-        return {_key(v): _weighted_sum(p, factors, keep) for v, p in per_var}
-    return sq, finish
+    def finish(w: _Weights):
+        return {_key(v): _weighted_sum(p, w) for v, p in per_var}
+    return _Part(sq, finish)
 
 
 def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
@@ -454,18 +523,18 @@ def _generic_rule(rec: _Record, G, batch, copies, wanted, original_calls):
     sq = tf.add_n([tf.reduce_sum(tf.reshape(tf.square(p), [batch, -1]), axis=1)
                    for p in per_var]) if per_var else tf.zeros([batch])
 
-    def finish(factors, keep):
-        return {_key(v): _weighted_sum(p, factors, keep) for v, p in zip(variables, per_var)}
-    return sq, finish
+    def finish(w: _Weights):
+        return {_key(v): _weighted_sum(p, w) for v, p in zip(variables, per_var)}
+    return _Part(sq, finish)
 
 
 def _zero_rule(rec: _Record, batch, wanted):
     """A layer the forward pass never called: zero gradient for its variables."""
     variables = [v for v in _owns(rec.layer) if _key(v) in wanted]
 
-    def finish(factors, keep):
-        return {_key(v): tf.zeros(v.shape, factors.dtype) for v in variables}
-    return tf.zeros([batch]), finish
+    def finish(w: _Weights):
+        return {_key(v): tf.zeros(v.shape, w.factors.dtype) for v in variables}
+    return _Part(tf.zeros([batch]), finish)
 
 
 # -- the clipped sum ---------------------------------------------------------------------------
@@ -588,15 +657,19 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
             parts.append(_conv_rule(rec, G, batch, copies, wanted, method, xla))
 
     weights = tf.clip_by_value(tf.cast(weights, losses.dtype), 0.0, 1.0)
-    squared = tf.add_n([tf.cast(sq, losses.dtype) for sq, _ in parts])
+    squared = tf.add_n([tf.cast(part.sq, losses.dtype) for part in parts])
+    floors = [tf.cast(part.floor, losses.dtype) for part in parts if part.floor is not None]
+    if floors:
+        squared = tf.maximum(squared, tf.add_n(floors))
     norms = tf.sqrt(squared)
     finite = tf.math.is_finite(norms) & tf.math.is_finite(losses)
     counted = finite & (weights > 0)
     factors = tf.where(counted, clip_factors(norms, l2_norm_clip, rescale_to_unit_norm) * weights,
                        tf.zeros_like(norms))
     sums = {}
-    for _, finish in parts:
-        sums.update(finish(factors, counted))
+    weighting = _Weights(factors, counted, tf.reduce_all(finite))
+    for part in parts:
+        sums.update(part.finish(weighting))
     gradients = [tf.cast(sums[_key(v)], v.dtype) for v in variables]
     in_mask = weights > 0
     return ClippedSum(

@@ -267,7 +267,7 @@ def test_dp_model_fit_batched_and_reference_agree(batch, method, jit, monkeypatc
     grouped_calls = []
     grouped = ghost_clipping.grouped_kernel_gradients
     monkeypatch.setattr(ghost_clipping, "grouped_kernel_gradients",
-                        lambda *a: grouped_calls.append(1) or grouped(*a))
+                        lambda *a, **k: grouped_calls.append(1) or grouped(*a, **k))
     x, y = batch
     model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05, jit_compile=jit)
     model.clipping_method = method
@@ -417,3 +417,68 @@ def test_group_norm_rule_when_called_with_keyword_inputs():
     x, y = data(4, 2, shape=(6, 6, 4))
     fast, ref = both(model, x, y, [1.0, 1.0, 1.0, 1.0], median_norm(model, x, y), "auto")
     assert_same(fast, ref, model)
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
+@pytest.mark.parametrize("which", ["kernel", "gain", "both"])
+def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
+    """WSConv2D's norms: the kernel's in closed form from per-channel sums (here with an
+    example whose image is nearly constant, so that much of its gradient lies along the
+    directions the standardisation removes), the gain's from the activations alone. Every
+    example is clipped (clip 1e-6), so a wrong norm would scale its contribution visibly."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((7, 7, 2))
+    ws = dks.layers.WSConv2D(3, 3, padding="valid")
+    h = keras.layers.Flatten()(keras.layers.Activation("tanh")(ws(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ws.gain.assign(np.linspace(0.5, 1.5, 3).astype(np.float32))
+    x, y = data(4, 1, shape=(7, 7, 2), seed=4)
+    rng = np.random.default_rng(4)
+    x = x.numpy()
+    x[1] = 0.7 + 0.07 * rng.normal(size=x[1].shape)
+    x = tf.constant(x)
+    variables = {"kernel": [ws._kernel], "gain": [ws.gain], "both": [ws._kernel, ws.gain]}[which]
+
+    def loss_fn(xi, yi):
+        pred = model(xi, training=True)
+        return model._compute_loss(x=xi, y=yi, y_pred=pred, training=True), pred
+
+    @tf.function
+    def run():
+        fast = fast_clipped_gradient_sum(model, variables, x, y, tf.ones([4]), 1e-6, True,
+                                         method="materialize", xla=xla)
+        with fast_convolutions(model):
+            ref = clipped_gradient_sum(loss_fn, variables, x, y, tf.ones([4]), 1e-6, True,
+                                       method="reference")
+        return fast.gradients, ref.gradients
+
+    for a, e in zip(*run()):
+        scale = np.max(np.abs(e.numpy()))
+        np.testing.assert_allclose(a.numpy(), e.numpy(), atol=RTOL * scale, rtol=0)
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_ws_contribution_of_a_constant_image_with_a_huge_loss_stays_within_the_clip(method,
+                                                                                     xla):
+    """An adversarial example: a constant image, so its WS-kernel gradient is (nearly) all
+    along the directions the standardisation removes, scaled up by a huge loss. The kernel's
+    clipped sum is pushed through the standardisation after summing, where rounding is
+    relative to the unprojected gradient; the norm floor keeps the clipped contribution
+    within the clip norm."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6, 6, 2))
+    h = dks.layers.WSConv2D(4, 3, padding="valid")(inputs)
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, kernel_initializer="ones")(h))
+    model.compile(loss=keras.losses.MeanSquaredError())
+    clip = 1e-3
+    for value in (1.0, 1e4):
+        x = tf.fill([1, 1, 6, 6, 2], value)
+        y = tf.fill([1, 1, 3], -1e6)
+        out = fast_clipped_gradient_sum(model, model.trainable_variables, x, y, tf.ones([1]),
+                                        clip, method=method, xla=xla)
+        norm = np.sqrt(sum(np.sum(np.square(g.numpy().astype(np.float64)))
+                           for g in out.gradients))
+        assert norm <= clip * (1 + 1e-3), (value, norm / clip)

@@ -143,14 +143,16 @@ def per_example_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple
 
 
 def grouped_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int, int],
-                             strides: tuple[int, int], padding: str, examples) -> tf.Tensor:
+                             strides: tuple[int, int], padding: str, examples,
+                             examples_first: bool = True) -> tf.Tensor:
     """`per_example_kernel_gradients` as ONE native kernel-gradient op with the examples as
     convolution groups: example i's channels are group i of the input and of the output
     gradient, its K copies the op's batch (summed, as the op sums its batch).
 
     Outside XLA (TensorFlow's own CPU kernels) this costs about what the batch's kernel
     gradient costs; XLA compiles grouped kernel gradients into very slow code, so use
-    `per_example_kernel_gradients` in XLA-compiled steps.
+    `per_example_kernel_gradients` in XLA-compiled steps. `examples_first=False` returns the
+    op's own layout [kh, kw, C, B, O] (saves a transpose of all B x parameters).
 
     Example:
         >>> grouped_kernel_gradients(tf.ones([4, 8, 8, 3]), tf.ones([4, 8, 8, 5]),
@@ -170,6 +172,8 @@ def grouped_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int
         out_backprop=examples_as_channels(dy), strides=[1, *strides, 1],
         padding=padding.upper())
     dk = tf.reshape(dk, tf.stack([kh, kw, c, examples, o]))
+    if not examples_first:      # the op's own layout [kh, kw, C, B, O]: no transpose pass
+        return tf.ensure_shape(dk, [kh, kw, c, None, o])
     return tf.ensure_shape(tf.transpose(dk, [3, 0, 1, 2, 4]), [None, kh, kw, c, o])
 
 
