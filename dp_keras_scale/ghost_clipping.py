@@ -43,7 +43,6 @@ examples; either way each example's gradient depends on its own rows only.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from collections.abc import Callable
 
@@ -411,20 +410,22 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     if ws and (want_kernel or want_gain):
         fan_in, s, active, u, gain = _ws_stats(layer)
         # per channel, with h the example's standardised-kernel gradient: p = u . h,
-        # m = sum(h) (from the activations: no pass over h), q = ||h||^2
-        conv = functools.partial(tf.nn.conv2d, strides=[1, *strides, 1], padding=padding)
-        if patches is not None:
+        # m = sum(h), q = ||h||^2 (from h where it is materialised, else from the patches,
+        # or for the gain alone from one convolution with u)
+        if per_kernel is not None:
+            p = tf.reduce_sum(per_kernel * tf.expand_dims(u, examples_axis), axis=d_axis)
+            m = tf.reduce_sum(per_kernel, axis=d_axis)
+            q = tf.reduce_sum(tf.square(per_kernel), axis=d_axis)
+        elif patches is not None:
             p = tf.einsum("bno,bno->bo", tf.matmul(patches, u), g)
-        else:
-            p = per_example_sum(conv(x, tf.reshape(u, [kh, kw, cin, cout])) * G)
-        if want_kernel:
-            if patches is not None:
+            if want_kernel:
                 m = tf.einsum("bn,bno->bo", tf.reduce_sum(patches, axis=2), g)
                 q = tf.reduce_sum(tf.matmul(tf.matmul(patches, patches, transpose_b=True), g)
                                   * g, axis=1)
-            else:
-                m = per_example_sum(conv(x, tf.ones([kh, kw, cin, 1], x.dtype)) * G)
-                q = tf.reduce_sum(tf.square(per_kernel), axis=d_axis)
+        else:
+            p = per_example_sum(tf.nn.conv2d(x, tf.reshape(u, [kh, kw, cin, cout]),
+                                             strides=[1, *strides, 1], padding=padding) * G)
+        if want_kernel:
             # The kernel's sum is pushed through the standardisation once, after the
             # examples are summed (see `finish`); its rounding is relative to |h|, not to the
             # projected |P h|, so each example's norm is at least WS_NORM_FLOOR * g s |h| (a
