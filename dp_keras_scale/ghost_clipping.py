@@ -235,6 +235,11 @@ def _rows(t: tf.Tensor, batch) -> tf.Tensor:
     return tf.reshape(t, [batch, -1, t.shape[-1]])
 
 
+def _per_example_sum(t: tf.Tensor, batch) -> tf.Tensor:
+    """[B*K, ..., C] -> [B, C]: the sum over each example's rows."""
+    return tf.reduce_sum(_rows(t, batch), axis=1)
+
+
 WS_NORM_FLOOR = 0.1
 
 
@@ -311,7 +316,7 @@ def _bias_rule(layer, G, batch, wanted):
     bias = getattr(layer, "bias", None)
     if bias is None or _key(bias) not in wanted:
         return None, None
-    per_example = tf.reduce_sum(_rows(G, batch), axis=1)                  # [B, o]
+    per_example = _per_example_sum(G, batch)                              # [B, o]
     return tf.reduce_sum(tf.square(per_example), axis=1), (bias, per_example)
 
 
@@ -402,9 +407,6 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
         g = _rows(G, batch)
     d_axis = 1 - examples_axis
 
-    def per_example_sum(t):     # [N, Ho, Wo, o] -> [B, o]: over the example's rows
-        return tf.reduce_sum(_rows(t, batch), axis=1)
-
     floor = None
     gain_rows = None
     if ws and (want_kernel or want_gain):
@@ -423,8 +425,9 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
                 q = tf.reduce_sum(tf.matmul(tf.matmul(patches, patches, transpose_b=True), g)
                                   * g, axis=1)
         else:
-            p = per_example_sum(tf.nn.conv2d(x, tf.reshape(u, [kh, kw, cin, cout]),
-                                             strides=[1, *strides, 1], padding=padding) * G)
+            p = _per_example_sum(tf.nn.conv2d(x, tf.reshape(u, [kh, kw, cin, cout]),
+                                              strides=[1, *strides, 1], padding=padding) * G,
+                                 batch)
         if want_kernel:
             # The kernel's sum is pushed through the standardisation once, after the
             # examples are summed (see `finish`); its rounding is relative to |h|, not to the
@@ -486,7 +489,7 @@ def _group_norm_rule(rec: _Record, G, batch, wanted):
     """GroupNormalization's scale and offset, per example: sums of ``G * x_hat`` and ``G``."""
     layer = rec.layer
     gamma_rows, beta_rows = group_norm_parameter_rows(rec.normalized, G)
-    per_var = [(v, tf.reduce_sum(_rows(rows, batch), axis=1))
+    per_var = [(v, _per_example_sum(rows, batch))
                for v, rows, used in ((layer.gamma, gamma_rows, layer.scale),
                                      (layer.beta, beta_rows, layer.center))
                if used and _key(v) in wanted]

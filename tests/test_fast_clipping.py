@@ -75,10 +75,13 @@ def data(batch: int, copies: int, shape=(9, 9, 3), classes: int = 3, seed: int =
     return tf.constant(x), tf.constant(y)
 
 
-def both(model, x, y, weights, clip, method, rescale=False, jit=False, xla=None):
+def both(model, x, y, weights, clip, method, rescale=False, jit=False, xla=None,
+         variables=None):
     """(fast ClippedSum, reference ClippedSum) inside one tf.function (XLA-compiled if `jit`);
-    `xla`: the fast path's kernel-gradient form (default: the one for how it is compiled)."""
+    `xla`: the fast path's kernel-gradient form (default: the one for how it is compiled);
+    `variables`: those to differentiate (default: all trainable ones)."""
     xla = jit if xla is None else xla
+    variables = model.trainable_variables if variables is None else variables
     weights = tf.constant(weights, tf.float32)
 
     def loss_fn(xi, yi):
@@ -87,12 +90,12 @@ def both(model, x, y, weights, clip, method, rescale=False, jit=False, xla=None)
 
     @tf.function(jit_compile=jit)
     def run():
-        fast = fast_clipped_gradient_sum(model, model.trainable_variables, x, y, weights, clip,
-                                         rescale, method=method, xla=xla)
+        fast = fast_clipped_gradient_sum(model, variables, x, y, weights, clip, rescale,
+                                         method=method, xla=xla)
         assert fast is not None, "the model should be covered by the fast path"
         with fast_convolutions(model):
-            ref = clipped_gradient_sum(loss_fn, model.trainable_variables, x, y, weights, clip,
-                                       rescale, method="reference")
+            ref = clipped_gradient_sum(loss_fn, variables, x, y, weights, clip, rescale,
+                                       method="reference")
         return ({f.name: getattr(fast, f.name) for f in dataclasses.fields(fast)},
                 {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)})
 
@@ -439,21 +442,9 @@ def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
     x[1] = 0.7 + 0.07 * rng.normal(size=x[1].shape)
     x = tf.constant(x)
     variables = {"kernel": [ws._kernel], "gain": [ws.gain], "both": [ws._kernel, ws.gain]}[which]
-
-    def loss_fn(xi, yi):
-        pred = model(xi, training=True)
-        return model._compute_loss(x=xi, y=yi, y_pred=pred, training=True), pred
-
-    @tf.function
-    def run():
-        fast = fast_clipped_gradient_sum(model, variables, x, y, tf.ones([4]), 1e-6, True,
-                                         method="materialize", xla=xla)
-        with fast_convolutions(model):
-            ref = clipped_gradient_sum(loss_fn, variables, x, y, tf.ones([4]), 1e-6, True,
-                                       method="reference")
-        return fast.gradients, ref.gradients
-
-    for a, e in zip(*run()):
+    fast, ref = both(model, x, y, np.ones(4), 1e-6, "materialize", rescale=True, xla=xla,
+                     variables=variables)
+    for a, e in zip(fast.gradients, ref.gradients, strict=True):
         scale = np.max(np.abs(e.numpy()))
         np.testing.assert_allclose(a.numpy(), e.numpy(), atol=RTOL * scale, rtol=0)
 
