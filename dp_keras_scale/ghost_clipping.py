@@ -52,8 +52,9 @@ import tensorflow as tf
 from dp_keras_scale import _keras_compat
 from dp_keras_scale.clipping import ClippedSum, clip_factors
 from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient,
-                                        grouped_kernel_gradients, image_patches,
-                                        per_example_convolutions, per_example_kernel_gradients)
+                                        grouped_kernel_gradients, patch_gram, patch_gram_flops,
+                                        patch_sums, per_example_convolutions,
+                                        per_example_kernel_gradients)
 from dp_keras_scale.layers.group_norm import group_normalization, group_norm_parameter_rows
 
 METHODS = ("auto", "ghost", "materialize")
@@ -103,6 +104,7 @@ class _Record:
     kwargs: dict = None
     output: object = None     # pre-activation output (dense/conv/ws) or the layer output
     normalized: object = None  # group_norm: its `GroupNormalized` pieces
+    unit_output: object = None  # ws: the convolution with the standardised kernel, no gain
     calls: int = 0
 
 
@@ -160,11 +162,16 @@ class _Recorder:
 
     def _conv_op(self, layer, kind):
         def convolution_op(inputs, kernel):
-            if kind == "ws":
-                kernel = layer.standardized_kernel()
-            z = tf.nn.conv2d(inputs, kernel, strides=[1, *layer.strides, 1],
-                             padding=layer.padding.upper())
-            self._record(layer, inputs=inputs, output=z)
+            def conv(k):
+                return tf.nn.conv2d(inputs, k, strides=[1, *layer.strides, 1],
+                                    padding=layer.padding.upper())
+            if kind == "ws":    # the gain applied to the output: the same z, and z / gain kept
+                unit = conv(layer.standardized_kernel(with_gain=False))
+                z = unit * tf.cast(layer.gain, unit.dtype)
+                self._record(layer, inputs=inputs, output=z, unit_output=unit)
+            else:
+                z = conv(kernel)
+                self._record(layer, inputs=inputs, output=z)
             return z
         return convolution_op
 
@@ -374,6 +381,24 @@ def _nan_where_nonfinite(sq: tf.Tensor, per_channel: tf.Tensor) -> tf.Tensor:
     return tf.where(finite, sq, tf.fill(tf.shape(sq), float("nan")))
 
 
+# Materialised per-example kernel gradients cost about this many times the flops of the
+# batch's kernel gradient (measured: the grouped op without XLA, the einsums with it); the
+# ghost route pays its Gram matrices on top of one batched kernel gradient.
+MATERIALIZE_COST = 3
+
+
+def _conv_ghost(method: str, x, positions, copies, kernel_size, strides, padding, cout) -> bool:
+    """Whether a conv layer takes the ghost route: forced, or (auto) by a flop count."""
+    if positions is None or not x.shape[1:].is_fully_defined():
+        return False            # the Gram matrices need static sizes
+    if method != "auto":
+        return method == "ghost"
+    d_in = kernel_size[0] * kernel_size[1] * x.shape[-1]
+    ghost = (patch_gram_flops(x.shape[1:], kernel_size, strides, padding, copies)
+             + positions * positions * cout)
+    return ghost < (MATERIALIZE_COST - 1) * positions * d_in * cout
+
+
 def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     layer = rec.layer
     ws = rec.kind == "ws"
@@ -388,12 +413,19 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     want_kernel = _key(kernel_var) in wanted
     want_gain = ws and _key(gain_var) in wanted
     sq = tf.zeros([batch], G.dtype)
-    ghost = _use_ghost(method, positions, d_in, cout)
-    # Materialised per-example kernel gradients h: [B, D, o] under XLA (batched einsums);
-    # outside XLA [D, B, o], the grouped native op's own layout (no transpose pass).
+    ghost = _conv_ghost(method, x, positions, copies, (kh, kw), strides, padding, cout)
+    # Per channel o, with h the example's kernel gradient (of the standardised kernel for
+    # WS): q = ||h_o||^2, and for WS m = sum(h_o). Ghost route: q from the Gram matrix of the
+    # example's input patches, no h. Else h materialised: [B, D, o] under XLA (batched
+    # einsums), outside XLA [D, B, o], the grouped native op's own layout (no transpose pass).
     per_kernel, examples_axis = None, 0
-    patches = g = None
-    if want_kernel and not ghost:
+    if want_kernel and ghost:
+        g = _rows(G, batch)                                                 # [B, n, o]
+        q = tf.reduce_sum(tf.matmul(patch_gram(x, (kh, kw), strides, padding, copies), g) * g,
+                          axis=1)
+        if ws:
+            m = _per_example_sum(patch_sums(x, (kh, kw), strides, padding) * G, batch)
+    elif want_kernel:
         if xla:
             per_kernel = tf.reshape(per_example_kernel_gradients(
                 x, G, (kh, kw), strides, padding, batch), [batch, d_in, cout])
@@ -402,32 +434,17 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
                 x, G, (kh, kw), strides, padding, batch, examples_first=False),
                 [d_in, batch, cout])
             examples_axis = 1
-    elif (want_kernel or want_gain) and ghost:
-        patches = _rows(image_patches(x, (kh, kw), strides, padding), batch)   # [B, n, D]
-        g = _rows(G, batch)
-    d_axis = 1 - examples_axis
+        d_axis = 1 - examples_axis
+        q = tf.reduce_sum(tf.square(per_kernel), axis=d_axis)
+        if ws:
+            m = tf.reduce_sum(per_kernel, axis=d_axis)
 
     floor = None
     gain_rows = None
     if ws and (want_kernel or want_gain):
         fan_in, s, active, u, gain = _ws_stats(layer)
-        # per channel, with h the example's standardised-kernel gradient: p = u . h,
-        # m = sum(h), q = ||h||^2 (from h where it is materialised, else from the patches,
-        # or for the gain alone from one convolution with u)
-        if per_kernel is not None:
-            p = tf.reduce_sum(per_kernel * tf.expand_dims(u, examples_axis), axis=d_axis)
-            m = tf.reduce_sum(per_kernel, axis=d_axis)
-            q = tf.reduce_sum(tf.square(per_kernel), axis=d_axis)
-        elif patches is not None:
-            p = tf.einsum("bno,bno->bo", tf.matmul(patches, u), g)
-            if want_kernel:
-                m = tf.einsum("bn,bno->bo", tf.reduce_sum(patches, axis=2), g)
-                q = tf.reduce_sum(tf.matmul(tf.matmul(patches, patches, transpose_b=True), g)
-                                  * g, axis=1)
-        else:
-            p = _per_example_sum(tf.nn.conv2d(x, tf.reshape(u, [kh, kw, cin, cout]),
-                                              strides=[1, *strides, 1], padding=padding) * G,
-                                 batch)
+        # the gain's per-example gradient s (u . h) = sum of the unit-gain output times G
+        gain_rows = _per_example_sum(tf.cast(rec.unit_output, G.dtype) * G, batch)   # [B, o]
         if want_kernel:
             # The kernel's sum is pushed through the standardisation once, after the
             # examples are summed (see `finish`); its rounding is relative to |h|, not to the
@@ -435,8 +452,8 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
             # bound on what rounding can add to a clipped contribution; it binds only for an
             # example whose gradient the projection removes almost entirely).
             floor = tf.reduce_sum(tf.square(gain * s) * q, axis=1) * WS_NORM_FLOOR ** 2
-            # ||h - mean(h) - a s^2 (u . h) u||^2 per channel, in closed form
-            inner = q - tf.square(m) / fan_in - active * tf.square(s * p)
+            # ||h - mean(h) - s^2 (u . h) u||^2 per channel, in closed form
+            inner = q - tf.square(m) / fan_in - active * tf.square(gain_rows)
             if per_kernel is not None:
                 def projected():
                     """The same from the projection applied to h itself, where the closed
@@ -444,17 +461,17 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
                     per_ex = lambda t: tf.expand_dims(t, d_axis)          # [B, o]
                     per_ch = lambda t: tf.expand_dims(t, examples_axis)   # [D, o]
                     raw = (per_kernel - per_ex(m / fan_in)
-                           - per_ex(active * tf.square(s) * p) * per_ch(u))
+                           - per_ex(active * s * gain_rows) * per_ch(u))
                     return tf.reduce_sum(tf.square(raw), axis=d_axis)
                 inner = tf.cond(tf.reduce_any(inner < 0.1 * q), projected, lambda: inner)
             sq += _nan_where_nonfinite(
                 tf.reduce_sum(tf.square(gain * s) * tf.maximum(inner, 0.0), axis=1), q)
-        if want_gain:       # its per-example gradient itself, summed exactly as normed
-            gain_rows = s * p
+        if want_gain:       # summed exactly as normed
             sq += tf.reduce_sum(tf.square(gain_rows), axis=1)
+        else:
+            gain_rows = None
     elif want_kernel:
-        sq += (_ghost_sq(patches, g) if ghost
-               else tf.reduce_sum(tf.square(per_kernel), axis=[d_axis, 2]))
+        sq += tf.reduce_sum(q, axis=1)
     bias_sq, bias_part = _bias_rule(layer, G, batch, wanted)
     if bias_sq is not None:
         sq += bias_sq

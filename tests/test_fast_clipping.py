@@ -342,6 +342,41 @@ def test_mixed_bfloat16_contribution_never_exceeds_the_clip_norm(method):
         assert norm <= clip * (1 + 1e-5), norm
 
 
+@pytest.mark.parametrize("size, kernel, strides, padding, copies", [
+    (8, (3, 3), (1, 1), "SAME", 2), (9, (3, 3), (2, 2), "SAME", 1), (10, (4, 4), (2, 2), "VALID", 3),
+    (7, (2, 2), (1, 1), "SAME", 2), (8, (1, 1), (1, 1), "VALID", 2), (9, (3, 3), (2, 2), "VALID", 1),
+    (16, (3, 3), (2, 2), "SAME", 1)])
+def test_patch_gram_and_sums_equal_those_of_the_extracted_patches(size, kernel, strides, padding,
+                                                                 copies):
+    """`patch_gram` (both of its ways: the cases include each) against P P^T of each example's
+    rows of `image_patches`, and `patch_sums` against the patches' sums."""
+    from dp_keras_scale.layers.conv import (_gram_ways, image_patches, patch_gram,
+                                            patch_gram_flops, patch_sums)
+
+    rng = np.random.default_rng(4)
+    examples, channels = 3, 4
+    x = tf.constant(rng.normal(size=(examples * copies, size, size, channels)), tf.float32)
+    patches = image_patches(x, kernel, strides, padding)
+    rows = tf.reshape(patches, [examples, -1, patches.shape[-1]])
+    expected = tf.matmul(rows, rows, transpose_b=True).numpy()
+    got = patch_gram(x, kernel, strides, padding, copies).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(patch_sums(x, kernel, strides, padding)[..., 0].numpy(),
+                               tf.reduce_sum(patches, axis=-1).numpy(), rtol=1e-5, atol=1e-4)
+    ways = _gram_ways((size, size, channels), kernel, strides, padding, copies)
+    assert patch_gram_flops((size, size, channels), kernel, strides, padding, copies) == min(ways)
+    assert ways[1] == rows.shape[1] ** 2 * patches.shape[-1]
+
+
+def test_patch_gram_cases_cover_both_ways():
+    from dp_keras_scale.layers.conv import _gram_ways
+    assert _gram_ways((8, 8, 4), (3, 3), (1, 1), "SAME", 2)[0] < \
+        _gram_ways((8, 8, 4), (3, 3), (1, 1), "SAME", 2)[1]
+    assert _gram_ways((16, 16, 4), (3, 3), (2, 2), "SAME", 1)[1] < \
+        _gram_ways((16, 16, 4), (3, 3), (2, 2), "SAME", 1)[0]
+
+
 @pytest.mark.parametrize("kernel, strides, padding, copies", [
     ((3, 3), (1, 1), "SAME", 1), ((3, 3), (2, 2), "SAME", 2), ((8, 8), (2, 2), "SAME", 1),
     ((4, 4), (2, 2), "VALID", 3), ((1, 1), (2, 2), "VALID", 2)])

@@ -116,6 +116,78 @@ def image_patches(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int
                                     rates=[1, 1, 1, 1], padding="VALID")
 
 
+def _gram_ways(input_shape, kernel_size, strides, padding, copies) -> tuple[int, int]:
+    """Flops per example of `patch_gram` from the padded input's Gram matrix and from the
+    patches themselves."""
+    (h, w, c), (kh, kw), (sh, sw) = input_shape, kernel_size, strides
+    if padding.upper() == "SAME":
+        h, w = h + sum(_same_padding(h, kh, sh)), w + sum(_same_padding(w, kw, sw))
+    n = copies * ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
+    return (copies * h * w) ** 2 * c, n * n * kh * kw * c
+
+
+def patch_gram_flops(input_shape, kernel_size: tuple[int, int], strides: tuple[int, int],
+                     padding: str, copies: int) -> int:
+    """Multiply-adds per example of `patch_gram` (input_shape: (H, W, C) of one image).
+
+    Example:
+        >>> patch_gram_flops((8, 8, 3), (3, 3), (1, 1), "SAME", 1)
+        30000
+    """
+    return min(_gram_ways(input_shape, kernel_size, strides, padding, copies))
+
+
+def patch_gram(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, int],
+               padding: str, copies: int) -> tf.Tensor:
+    """[B, n, n]: dot products between the input patches of each example's n = K x Ho x Wo
+    output positions (``P P^T`` per example, P its rows of `image_patches`).
+
+    Rows i*K .. i*K + K - 1 of `x` [B*K, H, W, C] belong to example i (K = `copies`). Takes
+    the cheaper of two ways (`patch_gram_flops`): the Gram matrix of the example's padded
+    input positions (K x Hp x Wp of them, C channels each) with its kh x kw shifted strided
+    blocks summed (Np^2 C flops, no patches in memory: stride 1), or the patches' own
+    (n^2 kh kw C: large strides).
+
+    Example:
+        >>> patch_gram(tf.ones([4, 8, 8, 3]), (3, 3), (1, 1), "SAME", 2).shape
+        TensorShape([2, 128, 128])
+    """
+    kh, kw = kernel_size
+    sh, sw = strides
+    from_input, from_patches = _gram_ways(x.shape[1:], kernel_size, strides, padding, copies)
+    if from_patches < from_input:
+        patches = image_patches(x, kernel_size, strides, padding)
+        n = copies * patches.shape[1] * patches.shape[2]
+        patches = tf.reshape(patches, [-1, n, patches.shape[-1]])
+        return tf.matmul(patches, patches, transpose_b=True)
+    xp = padded_input(x, kernel_size, strides, padding)
+    hp, wp, c = xp.shape[1], xp.shape[2], xp.shape[3]
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    rows = tf.reshape(xp, [-1, copies * hp * wp, c])                     # [B, K*Hp*Wp, C]
+    gram = tf.reshape(tf.matmul(rows, rows, transpose_b=True),
+                      [-1, copies, hp, wp, copies, hp, wp])
+    # the kernel rows' shifts, then its columns' (6 slices instead of 9 for 3 x 3)
+    gram = tf.add_n([gram[:, :, a:a + (ho - 1) * sh + 1:sh, :, :, a:a + (ho - 1) * sh + 1:sh, :]
+                     for a in range(kh)])
+    gram = tf.add_n([gram[:, :, :, b:b + (wo - 1) * sw + 1:sw, :, :, b:b + (wo - 1) * sw + 1:sw]
+                     for b in range(kw)])
+    n = copies * ho * wo
+    return tf.reshape(gram, [-1, n, n])
+
+
+def patch_sums(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, int],
+               padding: str) -> tf.Tensor:
+    """[N, Ho, Wo, 1]: the sum of each input patch's entries (all channels).
+
+    Example:
+        >>> patch_sums(tf.ones([2, 8, 8, 3]), (3, 3), (1, 1), "VALID")[0, 0, 0, 0].numpy()
+        27.0
+    """
+    kh, kw = kernel_size
+    return tf.nn.conv2d(tf.reduce_sum(x, axis=-1, keepdims=True), tf.ones([kh, kw, 1, 1], x.dtype),
+                        strides=[1, *strides, 1], padding=padding.upper())
+
+
 def per_example_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int, int],
                                  strides: tuple[int, int], padding: str, examples) -> tf.Tensor:
     """[B, kh, kw, C, O]: each example's kernel gradient, its rows (copies) summed.
@@ -225,11 +297,14 @@ class WSConv2D(keras.layers.Conv2D):
         super().build(input_shape)
         self.gain = self.add_weight(name="gain", shape=(self.filters,), initializer="ones")
 
-    def standardized_kernel(self) -> tf.Tensor:
+    def standardized_kernel(self, with_gain: bool = True) -> tf.Tensor:
+        """The kernel the convolution uses (`with_gain=False`: before the gain)."""
         kernel = tf.convert_to_tensor(self.kernel)
         mean, var = tf.nn.moments(kernel, axes=[0, 1, 2], keepdims=True)
         fan_in = float(kernel.shape[0] * kernel.shape[1] * kernel.shape[2])
-        scale = tf.math.rsqrt(tf.maximum(var * fan_in, self.epsilon)) * self.gain
+        scale = tf.math.rsqrt(tf.maximum(var * fan_in, self.epsilon))
+        if with_gain:
+            scale = scale * self.gain
         return (kernel - mean) * scale
 
     def convolution_op(self, inputs, kernel):
