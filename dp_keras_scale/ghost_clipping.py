@@ -52,7 +52,9 @@ import tensorflow as tf
 from dp_keras_scale import _keras_compat
 from dp_keras_scale.clipping import ClippedSum, clip_factors
 from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient,
-                                        grouped_kernel_gradients, patch_gram, patch_gram_flops,
+                                        grouped_kernel_gradients,
+                                        grouped_kernel_gradients_available, patch_gram,
+                                        patch_gram_flops,
                                         patch_sums, per_example_convolutions,
                                         per_example_kernel_gradients)
 from dp_keras_scale.layers.group_norm import group_normalization, group_norm_parameter_rows
@@ -416,8 +418,8 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     ghost = _conv_ghost(method, x, positions, copies, (kh, kw), strides, padding, cout)
     # Per channel o, with h the example's kernel gradient (of the standardised kernel for
     # WS): q = ||h_o||^2, and for WS m = sum(h_o). Ghost route: q from the Gram matrix of the
-    # example's input patches, no h. Else h materialised: [B, D, o] under XLA (batched
-    # einsums), outside XLA [D, B, o], the grouped native op's own layout (no transpose pass).
+    # example's input patches, no h. Else h materialised: [B, D, o] from batched einsums (under
+    # XLA, or where no grouped op runs), else [D, B, o], the grouped native op's own layout.
     per_kernel, examples_axis = None, 0
     if want_kernel and ghost:
         g = _rows(G, batch)                                                 # [B, n, o]
@@ -426,7 +428,7 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
         if ws:
             m = _per_example_sum(patch_sums(x, (kh, kw), strides, padding) * G, batch)
     elif want_kernel:
-        if xla:
+        if xla or not grouped_kernel_gradients_available():
             per_kernel = tf.reshape(per_example_kernel_gradients(
                 x, G, (kh, kw), strides, padding, batch), [batch, d_in, cout])
         else:
@@ -586,8 +588,9 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
             kernel gradients by a flop count), "ghost" or "materialize" (force one, for tests).
         xla: whether XLA compiles the step. Materialised per-example convolution kernel
             gradients are batched einsums under XLA, one grouped native op outside it (XLA
-            compiles the grouped op into very slow code; TensorFlow's own kernels run it at
-            about the cost of the batch's kernel gradient).
+            compiles the grouped op into very slow code; TensorFlow's oneDNN CPU kernels run
+            it at 1.5-3x the cost of the batch's kernel gradient; without oneDNN, or on a
+            GPU, the einsums are used).
         on_fallback: called with the reason when this path returns None.
 
     Returns:

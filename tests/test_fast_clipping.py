@@ -508,3 +508,36 @@ def test_ws_contribution_of_a_constant_image_with_a_huge_loss_stays_within_the_c
         norm = np.sqrt(sum(np.sum(np.square(g.numpy().astype(np.float64)))
                            for g in out.gradients))
         assert norm <= clip * (1 + 1e-3), (value, norm / clip)
+
+
+def test_without_onednn_the_materialised_route_uses_einsums(tmp_path):
+    """TensorFlow's Eigen CPU kernels (TF_ENABLE_ONEDNN_OPTS=0) refuse the grouped kernel
+    gradient: there the batched step must take the einsum form, not crash, and still equal
+    the reference (run in a fresh process: the switch is read when TensorFlow starts)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, %r)\n" % str(pathlib.Path(__file__).parent)
+        + "import numpy as np\n"
+        "from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of\n"
+        "from dp_keras_scale.layers.conv import grouped_kernel_gradients_available\n"
+        "assert not grouped_kernel_gradients_available()\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.normal(size=(6, 2, 8, 8, 3)).astype('float32'); y = rng.integers(0, 3, 6)\n"
+        "model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05, jit_compile=False)\n"
+        "model.clipping_method = 'materialize'\n"
+        "expected = reference_clipped_sum(model, x, np.repeat(y[:, None], 2, 1), np.ones(6),"
+        " clip=0.05)\n"
+        "before = weights_of(model)\n"
+        "model.train_on_batch(x, y)\n"
+        "for b, a, e in zip(before, weights_of(model), expected):\n"
+        "    np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-8)\n"
+        "print('MATCHED')\n")
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "MATCHED" in done.stdout, done.stdout + done.stderr[-3000:]
