@@ -106,7 +106,6 @@ class _Record:
     kwargs: dict = None
     output: object = None     # pre-activation output (dense/conv/ws) or the layer output
     normalized: object = None  # group_norm: its `GroupNormalized` pieces
-    unit_output: object = None  # ws: the convolution with the standardised kernel, no gain
     calls: int = 0
 
 
@@ -164,16 +163,11 @@ class _Recorder:
 
     def _conv_op(self, layer, kind):
         def convolution_op(inputs, kernel):
-            def conv(k):
-                return tf.nn.conv2d(inputs, k, strides=[1, *layer.strides, 1],
-                                    padding=layer.padding.upper())
-            if kind == "ws":    # the gain applied to the output: the same z, and z / gain kept
-                unit = conv(layer.standardized_kernel(with_gain=False))
-                z = unit * tf.cast(layer.gain, unit.dtype)
-                self._record(layer, inputs=inputs, output=z, unit_output=unit)
-            else:
-                z = conv(kernel)
-                self._record(layer, inputs=inputs, output=z)
+            if kind == "ws":
+                kernel = layer.standardized_kernel()
+            z = tf.nn.conv2d(inputs, kernel, strides=[1, *layer.strides, 1],
+                             padding=layer.padding.upper())
+            self._record(layer, inputs=inputs, output=z)
             return z
         return convolution_op
 
@@ -445,8 +439,20 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     gain_rows = None
     if ws and (want_kernel or want_gain):
         fan_in, s, active, u, gain = _ws_stats(layer)
-        # the gain's per-example gradient s (u . h) = sum of the unit-gain output times G
-        gain_rows = _per_example_sum(tf.cast(rec.unit_output, G.dtype) * G, batch)   # [B, o]
+        # the gain's per-example gradient s (u . h): the sum over the example's rows of G
+        # times the output of the unit-gain kernel, z / gain (float32 z; else that
+        # convolution itself, in float32: the kernel's norm below relies on it)
+        def unit_gain_rows():
+            unit = tf.nn.conv2d(x, tf.cast(layer.standardized_kernel(with_gain=False), x.dtype),
+                                strides=[1, *strides, 1], padding=padding)
+            return _per_example_sum(unit * G, batch)
+
+        if rec.output.dtype == G.dtype:
+            gain_rows = tf.cond(  # a gain this small (or zero) would lose the output's digits
+                tf.reduce_all(tf.abs(gain) >= 1e-12),
+                lambda: _per_example_sum(rec.output * G, batch) / gain, unit_gain_rows)
+        else:
+            gain_rows = unit_gain_rows()                                     # [B, o]
         if want_kernel:
             # The kernel's sum is pushed through the standardisation once, after the
             # examples are summed (see `finish`); its rounding is relative to |h|, not to the

@@ -484,6 +484,26 @@ def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
         np.testing.assert_allclose(a.numpy(), e.numpy(), atol=RTOL * scale, rtol=0)
 
 
+@pytest.mark.parametrize("gains", [(0.0, 1.0, -2.0), (1e-13, 0.5, 1.0), (0.7, 1.0, 1.3)])
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_ws_gain_rows_with_zero_tiny_and_negative_gains(gains, method):
+    """The gain's per-example gradients come from the layer's output divided by the gain;
+    a zero or tiny gain takes the unit-gain convolution instead. Against the reference, with
+    every example clipped (a wrong gain row would change its norm and its share)."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((6, 6, 2))
+    ws = dks.layers.WSConv2D(3, 3, padding="same")
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("tanh")(ws(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ws.gain.assign(np.array(gains, np.float32))
+    x, y = data(4, 2, shape=(6, 6, 2), seed=5)
+    fast, ref = both(model, x, y, np.ones(4), 1e-6, method, rescale=True)
+    for a, e in zip(fast.gradients, ref.gradients, strict=True):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), atol=RTOL * np.max(np.abs(e.numpy())),
+                                   rtol=0)
+
+
 @pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
 def test_ws_contribution_of_a_constant_image_with_a_huge_loss_stays_within_the_clip(method,
