@@ -12,13 +12,16 @@ backward pass of the whole micro-batch (all B x K copies as one batch), in four 
    the gradient of example i's own loss (the mean over its K copies).
 3. **Per-example norms, per layer.** Dense and Conv2D kernels: either the *ghost norm*
    ``||sum_t a_t g_t^T||^2 = sum_{t,t'} (a_t . a_t')(g_t . g_t')`` over the example's
-   K x T rows (cheap when K x T is small against the layer's width), or the per-example kernel
-   gradients materialised by batched einsums (cheap when K x T is large); the cheaper one by a
-   flop count is used. WSConv2D: the norm of the raw-kernel gradient follows from the
-   standardised-kernel gradient ``h`` by three per-channel dot products (the standardisation's
-   Jacobian is ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
-   s = 1/||u||; where ``h`` is materialised the projection is applied to it per example, which
-   avoids cancellation), and the gain's gradient is ``s u . h``. Biases: the sum of ``G``.
+   K x T rows (for a convolution ``a_t`` is the input patch of output position t, and the
+   patches' Gram matrix is formed from the padded input's own, its kh x kw shifted blocks
+   summed: `layers.conv.patch_gram`), or the per-example kernel gradients materialised
+   (one grouped native op, or batched einsums); the cheaper one by a flop count is used.
+   WSConv2D: the norm of the raw-kernel gradient follows from the standardised-kernel
+   gradient ``h`` by per-channel sums (the standardisation's Jacobian is
+   ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
+   s = 1/||u||): ``||h_o||^2`` (ghost, per channel), ``sum(h_o)`` (from the patches' sums)
+   and the gain's own per-example gradient ``s u . h``, which is the sum of G times the layer's
+   output divided by the gain. Biases: the sum of ``G``.
    GroupNormalization (channels last): scale ``sum G * x_hat`` and offset ``sum G`` over the
    example's rows; the layer runs as `layers.group_norm.group_normalization` (the same
    function, its backward pass in closed form), which keeps ``x_hat``'s pieces. Any
