@@ -49,6 +49,18 @@ FRAMEWORKS: dict[str, dict] = {
             ("dp", "DPScaleModel + DPSGD", "example (mean over K copies)", True),
         ],
     },
+    "ours-batched": {
+        "title": "dp-keras-scale (Keras 3 / TF, no XLA, batched clipping)",
+        "script": "bench_keras.py",
+        "requirements": None,
+        "methods": [
+            ("nonprivate_nojit", "keras.Model, SGD", "-", False),
+            ("dp_batched", "DPScaleModel, clipping_method='auto'",
+             "example (mean over K copies)", True),
+            ("dp_batched_ws", "the same, WS convolutions (the paper's model)",
+             "example (mean over K copies)", True),
+        ],
+    },
     "torch": {
         "title": "PyTorch (eager)",
         "script": "bench_torch.py",
