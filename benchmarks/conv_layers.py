@@ -81,7 +81,7 @@ def main() -> None:
             print(f"({batch}, {copies}) {label:22s} non-private {ms['nonprivate']:6.1f} ms  "
                   f"{ratios}", flush=True)
     lines = ["One `WSConv2D` (3x3) + pooling + Dense(10), no XLA; step time in ms (DP / "
-             f"non-private); median of {args.steps} steps. Load before: "
+             f"non-private); median of {args.steps} steps. Load average at the end: "
              f"{os.getloadavg()[0]:.2f}. Command: `python benchmarks/conv_layers.py "
              f"--settings {args.settings} --steps {args.steps}`", "",
              "| (B, K) | layer | non-private | materialize | ghost | auto |", "|---|---|---|---|---|---|"]
