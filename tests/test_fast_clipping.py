@@ -103,8 +103,9 @@ def both(model, x, y, weights, clip, method, rescale=False, jit=False, xla=None,
     return types.SimpleNamespace(**fast), types.SimpleNamespace(**ref)
 
 
-def assert_same(fast, ref, model):
-    for v, a, e in zip(model.trainable_variables, fast.gradients, ref.gradients):
+def assert_same(fast, ref, model, variables=None):
+    variables = model.trainable_variables if variables is None else variables
+    for v, a, e in zip(variables, fast.gradients, ref.gradients, strict=True):
         a, e = a.numpy(), e.numpy()
         scale = np.max(np.abs(e)) + 1e-30
         np.testing.assert_allclose(a, e, atol=RTOL * scale, rtol=0, err_msg=v.path)
@@ -460,6 +461,19 @@ def test_group_norm_rule_when_called_with_keyword_inputs():
     assert_same(fast, ref, model)
 
 
+def single_ws_model(shape, padding, head, gains, seed):
+    """(model, its WSConv2D): three 3x3 WS filters with the given gains, tanh, `head()`
+    (a flattening layer), Dense(3)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(shape)
+    ws = dks.layers.WSConv2D(3, 3, padding=padding)
+    h = head()(keras.layers.Activation("tanh")(ws(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ws.gain.assign(np.asarray(gains, np.float32))
+    return model, ws
+
+
 @pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
 @pytest.mark.parametrize("which", ["kernel", "gain", "both"])
 def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
@@ -467,13 +481,8 @@ def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
     example whose image is nearly constant, so that much of its gradient lies along the
     directions the standardisation removes), the gain's from the activations alone. Every
     example is clipped (clip 1e-6), so a wrong norm would scale its contribution visibly."""
-    keras.utils.set_random_seed(4)
-    inputs = keras.Input((7, 7, 2))
-    ws = dks.layers.WSConv2D(3, 3, padding="valid")
-    h = keras.layers.Flatten()(keras.layers.Activation("tanh")(ws(inputs)))
-    model = keras.Model(inputs, keras.layers.Dense(3)(h))
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    ws.gain.assign(np.linspace(0.5, 1.5, 3).astype(np.float32))
+    model, ws = single_ws_model((7, 7, 2), "valid", keras.layers.Flatten,
+                                np.linspace(0.5, 1.5, 3), seed=4)
     x, y = data(4, 1, shape=(7, 7, 2), seed=4)
     rng = np.random.default_rng(4)
     x = x.numpy()
@@ -482,9 +491,7 @@ def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
     variables = {"kernel": [ws._kernel], "gain": [ws.gain], "both": [ws._kernel, ws.gain]}[which]
     fast, ref = both(model, x, y, np.ones(4), 1e-6, "materialize", rescale=True, xla=xla,
                      variables=variables)
-    for a, e in zip(fast.gradients, ref.gradients, strict=True):
-        scale = np.max(np.abs(e.numpy()))
-        np.testing.assert_allclose(a.numpy(), e.numpy(), atol=RTOL * scale, rtol=0)
+    assert_same(fast, ref, model, variables)
 
 
 @pytest.mark.parametrize("gains", [(0.0, 1.0, -2.0), (1e-13, 0.5, 1.0), (0.7, 1.0, 1.3)])
@@ -493,18 +500,11 @@ def test_ws_gain_rows_with_zero_tiny_and_negative_gains(gains, method):
     """The gain's per-example gradients come from the layer's output divided by the gain;
     a zero or tiny gain takes the unit-gain convolution instead. Against the reference, with
     every example clipped (a wrong gain row would change its norm and its share)."""
-    keras.utils.set_random_seed(5)
-    inputs = keras.Input((6, 6, 2))
-    ws = dks.layers.WSConv2D(3, 3, padding="same")
-    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Activation("tanh")(ws(inputs)))
-    model = keras.Model(inputs, keras.layers.Dense(3)(h))
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    ws.gain.assign(np.array(gains, np.float32))
+    model, _ = single_ws_model((6, 6, 2), "same", keras.layers.GlobalAveragePooling2D, gains,
+                               seed=5)
     x, y = data(4, 2, shape=(6, 6, 2), seed=5)
     fast, ref = both(model, x, y, np.ones(4), 1e-6, method, rescale=True)
-    for a, e in zip(fast.gradients, ref.gradients, strict=True):
-        np.testing.assert_allclose(a.numpy(), e.numpy(), atol=RTOL * np.max(np.abs(e.numpy())),
-                                   rtol=0)
+    assert_same(fast, ref, model)
 
 
 @pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
