@@ -84,7 +84,8 @@ def main() -> None:
              f"non-private); median of {args.steps} steps. Load average at the end: "
              f"{os.getloadavg()[0]:.2f}. Command: `python benchmarks/conv_layers.py "
              f"--settings {args.settings} --steps {args.steps}`", "",
-             "| (B, K) | layer | non-private | materialize | ghost | auto |", "|---|---|---|---|---|---|"]
+             "| (B, K) | layer | non-private | materialize | ghost | auto |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         cells = [f"{ms[m]:.1f} ({ms[m] / ms['nonprivate']:.2f}x)" for m in METHODS[1:]]

@@ -388,13 +388,13 @@ def _nan_where_nonfinite(sq: tf.Tensor, per_channel: tf.Tensor) -> tf.Tensor:
 MATERIALIZE_COST = 2.5
 
 
-def _conv_ghost(method: str, x, positions, copies, kernel_size, strides, padding, cout) -> bool:
+def _conv_ghost(method: str, x, positions, copies, kernel_size, strides, padding, d_in,
+                cout) -> bool:
     """Whether a conv layer takes the ghost route: forced, or (auto) by a flop count."""
     if positions is None or not x.shape[1:].is_fully_defined():
         return False            # the Gram matrices need static sizes
     if method != "auto":
         return method == "ghost"
-    d_in = kernel_size[0] * kernel_size[1] * x.shape[-1]
     ghost = (patch_gram_flops(x.shape[1:], kernel_size, strides, padding, copies)
              + positions * positions * cout)
     return ghost < (MATERIALIZE_COST - 1) * positions * d_in * cout
@@ -414,7 +414,7 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     want_kernel = _key(kernel_var) in wanted
     want_gain = ws and _key(gain_var) in wanted
     sq = tf.zeros([batch], G.dtype)
-    ghost = _conv_ghost(method, x, positions, copies, (kh, kw), strides, padding, cout)
+    ghost = _conv_ghost(method, x, positions, copies, (kh, kw), strides, padding, d_in, cout)
     # Per channel o, with h the example's kernel gradient (of the standardised kernel for
     # WS): q = ||h_o||^2, and for WS m = sum(h_o). Ghost route: q from the Gram matrix of the
     # example's input patches, no h. Else h materialised: [B, D, o] from batched einsums (under
@@ -441,7 +441,6 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
             m = tf.reduce_sum(per_kernel, axis=d_axis)
 
     floor = None
-    gain_rows = None
     if ws and (want_kernel or want_gain):
         fan_in, s, active, u, gain = _ws_stats(layer)
         # the gain's per-example gradient s (u . h): the sum over the example's rows of G
@@ -481,8 +480,6 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
                 tf.reduce_sum(tf.square(gain * s) * tf.maximum(inner, 0.0), axis=1), q)
         if want_gain:       # summed exactly as normed
             sq += tf.reduce_sum(tf.square(gain_rows), axis=1)
-        else:
-            gain_rows = None
     elif want_kernel:
         sq += tf.reduce_sum(q, axis=1)
     bias_sq, bias_part = _bias_rule(layer, G, batch, wanted)
@@ -507,7 +504,7 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
                     if grad is None else grad
             else:
                 out[_key(kernel_var)] = total
-        if gain_rows is not None:
+        if want_gain:
             out[_key(gain_var)] = _weighted_sum(gain_rows, w)
         if bias_part is not None:
             out[_key(bias_part[0])] = _weighted_sum(bias_part[1], w)

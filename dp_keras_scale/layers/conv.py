@@ -235,8 +235,9 @@ def grouped_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int
     gradient, its K copies the op's batch (summed, as the op sums its batch).
 
     Outside XLA (TensorFlow's oneDNN CPU kernels; see `grouped_kernel_gradients_available`)
-    this costs 1.5-3x what the batch's kernel gradient costs; XLA compiles grouped kernel gradients into very slow code, so use
-    `per_example_kernel_gradients` in XLA-compiled steps. `examples_first=False` returns the
+    this costs 1.5-3x what the batch's kernel gradient costs; XLA compiles grouped kernel
+    gradients into very slow code, so use `per_example_kernel_gradients` in XLA-compiled
+    steps. `examples_first=False` returns the
     op's own layout [kh, kw, C, B, O] (saves a transpose of all B x parameters).
 
     Example:
