@@ -15,7 +15,8 @@ backward pass of the whole micro-batch (all B x K copies as one batch), in four 
    K x T rows (for a convolution ``a_t`` is the input patch of output position t, and the
    patches' Gram matrix is formed from the padded input's own, its kh x kw shifted blocks
    summed: `layers.conv.patch_gram`), or the per-example kernel gradients materialised
-   (one grouped native op, or batched einsums); the cheaper one by a flop count is used.
+   (a grouped native op, a product of extracted patches, or batched einsums); which
+   route a layer takes is chosen per shape (`layers.conv_routes`: timed, or by flops).
    WSConv2D: the norm of the raw-kernel gradient follows from the standardised-kernel
    gradient ``h`` by per-channel sums (the standardisation's Jacobian is
    ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
@@ -54,13 +55,18 @@ import tensorflow as tf
 
 from dp_keras_scale import _keras_compat
 from dp_keras_scale.clipping import ClippedSum, clip_factors
-from dp_keras_scale.layers.conv import (WSConv2D, batched_kernel_gradient,
-                                        grouped_kernel_gradients,
-                                        grouped_kernel_gradients_available, patch_gram,
-                                        patch_gram_flops,
-                                        patch_sums, per_example_convolutions,
-                                        per_example_kernel_gradients)
-from dp_keras_scale.layers.group_norm import group_normalization, group_norm_parameter_rows
+from dp_keras_scale.layers.conv import (
+    WSConv2D,
+    batched_kernel_gradient,
+    patch_gram,
+    patch_sums,
+    per_example_convolutions,
+)
+from dp_keras_scale.layers.conv_routes import conv_route, materialized_kernel_gradients
+from dp_keras_scale.layers.group_norm import (
+    group_norm_parameter_rows,
+    group_normalization,
+)
 
 METHODS = ("auto", "ghost", "materialize")
 
@@ -380,26 +386,6 @@ def _nan_where_nonfinite(sq: tf.Tensor, per_channel: tf.Tensor) -> tf.Tensor:
     return tf.where(finite, sq, tf.fill(tf.shape(sq), float("nan")))
 
 
-# Materialised per-example kernel gradients cost about this many times the flops of the
-# batch's kernel gradient (the grouped op without XLA measured 1.5-3x; the einsums under XLA),
-# and the ghost route pays its Gram matrices (plus slices and reshapes that weigh on small
-# layers) on top of one batched kernel gradient. 2.5 sends every convolution of the bundled
-# models measured (WRN-16-4, small_cnn, compact_cnn) to the faster of its two routes.
-MATERIALIZE_COST = 2.5
-
-
-def _conv_ghost(method: str, x, positions, copies, kernel_size, strides, padding, d_in,
-                cout) -> bool:
-    """Whether a conv layer takes the ghost route: forced, or (auto) by a flop count."""
-    if positions is None or not x.shape[1:].is_fully_defined():
-        return False            # the Gram matrices need static sizes
-    if method != "auto":
-        return method == "ghost"
-    ghost = (patch_gram_flops(x.shape[1:], kernel_size, strides, padding, copies)
-             + positions * positions * cout)
-    return ghost < (MATERIALIZE_COST - 1) * positions * d_in * cout
-
-
 def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     layer = rec.layer
     ws = rec.kind == "ws"
@@ -407,34 +393,27 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     kh, kw = layer.kernel_size
     strides, padding = tuple(layer.strides), layer.padding.upper()
     cin, cout = x.shape[-1], G.shape[-1]
-    d_in = kh * kw * cin
     positions = _rows_per_example(G, copies)
     kernel_var = layer._kernel
     gain_var = layer.gain if ws else None
     want_kernel = _key(kernel_var) in wanted
     want_gain = ws and _key(gain_var) in wanted
     sq = tf.zeros([batch], G.dtype)
-    ghost = _conv_ghost(method, x, positions, copies, (kh, kw), strides, padding, d_in, cout)
+    route = conv_route(method, x, G, positions, copies, (kh, kw), strides, padding, xla)
     # Per channel o, with h the example's kernel gradient (of the standardised kernel for
     # WS): q = ||h_o||^2, and for WS m = sum(h_o). Ghost route: q from the Gram matrix of the
-    # example's input patches, no h. Else h materialised: [B, D, o] from batched einsums (under
-    # XLA, or where no grouped op runs), else [D, B, o], the grouped native op's own layout.
+    # example's input patches, no h. Else h materialised ([B, D, o], or [D, B, o] for the
+    # grouped native op's own layout; see `layers.conv_routes`).
     per_kernel, examples_axis = None, 0
-    if want_kernel and ghost:
+    if want_kernel and route == "ghost":
         g = _rows(G, batch)                                                 # [B, n, o]
         q = tf.reduce_sum(tf.matmul(patch_gram(x, (kh, kw), strides, padding, copies), g) * g,
                           axis=1)
         if ws:
             m = _per_example_sum(patch_sums(x, (kh, kw), strides, padding) * G, batch)
     elif want_kernel:
-        if xla or not grouped_kernel_gradients_available():
-            per_kernel = tf.reshape(per_example_kernel_gradients(
-                x, G, (kh, kw), strides, padding, batch), [batch, d_in, cout])
-        else:
-            per_kernel = tf.reshape(grouped_kernel_gradients(
-                x, G, (kh, kw), strides, padding, batch, examples_first=False),
-                [d_in, batch, cout])
-            examples_axis = 1
+        per_kernel, examples_axis = materialized_kernel_gradients(
+            route, x, G, (kh, kw), strides, padding, batch)
         d_axis = 1 - examples_axis
         q = tf.reduce_sum(tf.square(per_kernel), axis=d_axis)
         if ws:
@@ -592,13 +571,12 @@ def fast_clipped_gradient_sum(model: keras.Model, variables, x, y, weights: tf.T
         x, y: nests with leading axes [B, K, ...], as for `clipped_gradient_sum`.
         weights: [B] example weights (clamped into [0, 1]).
         l2_norm_clip, rescale_to_unit_norm: as for `clipped_gradient_sum`.
-        method: "auto" (per layer, the cheaper of ghost norm and materialised per-example
-            kernel gradients by a flop count), "ghost" or "materialize" (force one, for tests).
-        xla: whether XLA compiles the step. Materialised per-example convolution kernel
-            gradients are batched einsums under XLA, one grouped native op outside it (XLA
-            compiles the grouped op into very slow code; TensorFlow's oneDNN CPU kernels run
-            it at 1.5-3x the cost of the batch's kernel gradient; without oneDNN, or on a
-            GPU, the einsums are used).
+        method: "auto" (per layer the faster of ghost norms and materialised per-example
+            gradients: Dense by a flop count, convolutions timed once per shape without XLA,
+            see `layers.conv_routes`), "ghost" or "materialize" (force one, for tests).
+        xla: whether XLA compiles the step. Under XLA a convolution's per-example kernel
+            gradients are batched einsums (XLA compiles the grouped native op into very
+            slow code).
         on_fallback: called with the reason when this path returns None.
 
     Returns:

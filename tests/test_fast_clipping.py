@@ -20,6 +20,7 @@ from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_o
 import dp_keras_scale as dks
 from dp_keras_scale.clipping import clipped_gradient_sum
 from dp_keras_scale.ghost_clipping import fast_clipped_gradient_sum, supports_fast_clipping
+from dp_keras_scale.layers import conv_routes
 from dp_keras_scale.model import fast_convolutions
 from dp_keras_scale.models.nf_resnet import SkipInitResidual
 
@@ -144,6 +145,49 @@ def test_every_layer_kind_matches_the_reference(method, copies, xla):
     assert_same(fast, ref, model)
 
 
+@pytest.mark.parametrize("route", conv_routes.ROUTES)
+@pytest.mark.parametrize("copies", [1, 3])
+def test_every_conv_route_matches_the_reference(route, copies, monkeypatch):
+    """Each way of forming a convolution's per-example norms and sum, forced on every conv
+    layer of the zoo (strided, 1x1, SAME / VALID, WS and plain)."""
+    from dp_keras_scale import ghost_clipping
+
+    chosen = []
+    monkeypatch.setattr(ghost_clipping, "conv_route",
+                        lambda *args: chosen.append(route) or route)
+    model = zoo()
+    x, y = data(5, copies)
+    clip = median_norm(model, x, y)
+    fast, ref = both(model, x, y, [1.0, 0.5, 0.0, 1.0, 1.0], clip, "auto")
+    assert chosen and 0 < ref.clipped.numpy() < 4
+    assert_same(fast, ref, model)
+
+
+def test_auto_conv_route_is_timed_once_per_shape_and_is_a_candidate(monkeypatch):
+    """Without XLA, "auto" times the plausible routes of a shape once per process (the
+    ghost route only where its flops are within reach), then reuses the choice."""
+    timed = []
+    fastest = conv_routes._fastest
+    monkeypatch.setattr(conv_routes, "_fastest",
+                        lambda candidates, *a: timed.append(candidates) or fastest(
+                            candidates, *a))
+    monkeypatch.setattr(conv_routes, "_timed", {})
+    x, dy = tf.zeros([8, 12, 12, 4]), tf.zeros([8, 6, 6, 8])    # 4 examples x 2 copies
+    args = (x, dy, 72, 2, (3, 3), (2, 2), "SAME")
+    picks = {conv_routes.conv_route("auto", *args, False) for _ in range(3)}
+    assert len(timed) == 1 and len(picks) == 1 and picks <= set(timed[0])
+    assert set(timed[0]) >= {"patches", "einsum"}
+    # a 32x32 stride-1 layer: the ghost route is far too many flops to be worth timing
+    big_x, big_dy = tf.zeros([2, 32, 32, 4]), tf.zeros([2, 32, 32, 4])
+    conv_routes.conv_route("auto", big_x, big_dy, 1024, 1, (3, 3), (1, 1), "SAME", False)
+    assert "ghost" not in timed[-1]
+    # under XLA, forced, or without static shapes: no timing
+    assert conv_routes.conv_route("auto", *args, True) in ("ghost", "einsum")
+    assert conv_routes.conv_route("ghost", *args, False) == "ghost"
+    assert conv_routes.conv_route("materialize", *args, True) == "einsum"
+    assert len(timed) == 2
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_rescale_to_unit_norm_weights_clamped_and_nan_example(method):
     model = zoo(seed=1, extra_conv=False)
@@ -266,11 +310,10 @@ def test_fallback_warns_once_naming_the_reason(batch):
 
 @pytest.mark.parametrize("method, jit", [("auto", False), ("auto", True), ("reference", False)])
 def test_dp_model_fit_batched_and_reference_agree(batch, method, jit, monkeypatch):
-    from dp_keras_scale import ghost_clipping
-
     grouped_calls = []
-    grouped = ghost_clipping.grouped_kernel_gradients
-    monkeypatch.setattr(ghost_clipping, "grouped_kernel_gradients",
+    grouped = conv_routes.grouped_kernel_gradients
+    monkeypatch.setattr(conv_routes, "_timed", {})
+    monkeypatch.setattr(conv_routes, "grouped_kernel_gradients",
                         lambda *a, **k: grouped_calls.append(1) or grouped(*a, **k))
     x, y = batch
     model = compile_dp(small_convnet(ws=True), l2_norm_clip=0.05, jit_compile=jit)
@@ -281,7 +324,8 @@ def test_dp_model_fit_batched_and_reference_agree(batch, method, jit, monkeypatc
     model.train_on_batch(x, y)
     for b, a, e in zip(before, weights_of(model), expected):
         np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-8)
-    # the grouped kernel-gradient op (very slow under XLA) only in steps XLA does not compile
+    # the grouped kernel-gradient op (very slow under XLA) never in steps XLA compiles (and
+    # without XLA, "auto" times it among the routes of each conv shape)
     assert bool(grouped_calls) == (method == "auto" and not jit)
 
 
@@ -386,11 +430,11 @@ def test_patch_gram_cases_cover_both_ways():
 @pytest.mark.parametrize("kernel, strides, padding, copies", [
     ((3, 3), (1, 1), "SAME", 1), ((3, 3), (2, 2), "SAME", 2), ((8, 8), (2, 2), "SAME", 1),
     ((4, 4), (2, 2), "VALID", 3), ((1, 1), (2, 2), "VALID", 2)])
-def test_grouped_and_einsum_per_example_kernel_gradients_equal_a_per_example_loop(
+def test_grouped_einsum_and_patch_kernel_gradients_equal_a_per_example_loop(
         kernel, strides, padding, copies):
     """Each example's kernel gradient (its copies summed), from TensorFlow's native op run on
     that example alone, against both batched forms; the grouped one with an unknown batch."""
-    from dp_keras_scale.layers.conv import (grouped_kernel_gradients,
+    from dp_keras_scale.layers.conv import (grouped_kernel_gradients, patch_kernel_gradients,
                                             per_example_kernel_gradients)
 
     rng = np.random.default_rng(3)
@@ -409,8 +453,10 @@ def test_grouped_and_einsum_per_example_kernel_gradients_equal_a_per_example_loo
         return grouped_kernel_gradients(x, dy, kernel, strides, padding,
                                         tf.shape(x)[0] // copies)
 
+    patches = patch_kernel_gradients(x, dy, kernel, strides, padding, examples)
     for got in (grouped(x, dy), per_example_kernel_gradients(x, dy, kernel, strides, padding,
-                                                             examples)):
+                                                             examples),
+                tf.reshape(patches, [examples, *kernel, channels, filters])):
         assert got.shape == loop.shape
         np.testing.assert_allclose(got.numpy(), loop, rtol=0, atol=1e-5 * np.abs(loop).max())
 

@@ -214,6 +214,26 @@ def per_example_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple
     return tf.reshape(dk, [examples, kh, kw, x.shape[-1], dy.shape[-1]])
 
 
+def patch_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int, int],
+                           strides: tuple[int, int], padding: str, examples) -> tf.Tensor:
+    """[B, kh*kw*C, O]: each example's kernel gradient (its copies summed), as one batched
+    matrix product of the example's extracted input patches with its output gradients.
+
+    Same layout of `x` [B*K, H, W, C] and `dy` [B*K, Ho, Wo, O] as
+    `per_example_kernel_gradients`; the patches take kh kw / (sh sw) times the input's memory,
+    so this suits strided layers and layers with few input channels.
+
+    Example:
+        >>> patch_kernel_gradients(tf.ones([4, 8, 8, 3]), tf.ones([4, 8, 8, 5]),
+        ...                        (3, 3), (1, 1), "SAME", 2).shape
+        TensorShape([2, 27, 5])
+    """
+    patches = image_patches(x, kernel_size, strides, padding)
+    d_in, o = patches.shape[-1], dy.shape[-1]
+    return tf.matmul(tf.reshape(patches, tf.stack([examples, -1, d_in])),
+                     tf.reshape(dy, tf.stack([examples, -1, o])), transpose_a=True)
+
+
 def grouped_kernel_gradients_available() -> bool:
     """Whether this process runs `grouped_kernel_gradients`: TensorFlow's oneDNN CPU kernels
     do; its Eigen CPU kernels (``TF_ENABLE_ONEDNN_OPTS=0``, or builds without oneDNN) refuse
