@@ -55,8 +55,22 @@ GHOST_TIMED_BELOW = 3.0
 TIMED_MARGIN = 0.9
 TIMING_CALLS = 3
 
-_timed: dict[tuple, str] = {}
+_timed: dict[tuple, tuple[str, dict[str, float]]] = {}
 _timing_lock = threading.Lock()
+
+
+def timed_routes() -> list[dict]:
+    """What `conv_route` has timed in this process: per layer shape, the seconds of each
+    candidate route (median of the calls) and the route kept.
+
+    Example:
+        >>> model.fit(ds, epochs=1)          # DPScaleModel, clipping_method="auto", no XLA
+        >>> [(t["input_shape"], t["route"]) for t in timed_routes()]
+        [((256, 28, 28, 1), 'patches'), ((256, 13, 13, 32), 'patches')]
+    """
+    return [{"input_shape": key[0], "output_gradient_shape": key[1], "kernel_size": key[2],
+             "strides": key[3], "padding": key[4], "copies": key[5], "route": route,
+             "seconds": dict(seconds)} for key, (route, seconds) in _timed.items()]
 
 
 def materialized_kernel_gradients(route: str, x: tf.Tensor, dy: tf.Tensor,
@@ -128,13 +142,13 @@ def conv_route(method: str, x: tf.Tensor, dy: tf.Tensor, positions: int | None, 
             with tf.init_scope():
                 _timed[key] = _fastest(candidates, by_flops, tuple(x.shape), tuple(dy.shape),
                                        kernel_size, strides, padding, copies)
-        return _timed[key]
+        return _timed[key][0]
 
 
 def _fastest(candidates, preferred, x_shape, dy_shape, kernel_size, strides, padding,
-             copies) -> str:
+             copies) -> tuple[str, dict[str, float]]:
     """Times each candidate's norms + clipped sum (eagerly, on random data of the layer's
-    shapes) and returns the fastest; `preferred` unless another is clearly faster."""
+    shapes): the fastest (`preferred` unless another is clearly faster) and the medians."""
     examples = x_shape[0] // copies
     rng = tf.random.Generator.from_seed(0)
     x = rng.normal(x_shape)
@@ -169,5 +183,5 @@ def _fastest(candidates, preferred, x_shape, dy_shape, kernel_size, strides, pad
     median = {route: statistics.median(s) for route, s in seconds.items()}
     best = min(median, key=median.get)
     if preferred in median and median[best] > TIMED_MARGIN * median[preferred]:
-        return preferred
-    return best
+        best = preferred
+    return best, median
