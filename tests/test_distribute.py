@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 import dp_keras_scale as dks  # noqa: E402
 from dp_keras_scale.distribute import DistributedBatchSampler  # noqa: E402
+from dp_keras_scale.layers import conv_routes  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIP, LR, MOMENTUM, EXPECTED = 0.05, 1.0, 0.5, 5.0
@@ -227,6 +229,18 @@ def mirrored_role() -> dict:
     out["adam_initial"] = as_lists(weights(model))
     model.fit(tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(4), epochs=1, verbose=0)
     out["adam_weights"] = as_lists(weights(model))
+    # The same with the batched per-layer path (static shapes: its conv routes are timed
+    # while the replicas trace the step).
+    with strategy.scope():
+        model = dp_adam(small_convnet())
+    model.clipping_method = "auto"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(4, drop_remainder=True),
+                  epochs=1, verbose=0)
+    out["adam_auto_weights"] = as_lists(weights(model))
+    out["adam_auto_warnings"] = [str(w.message) for w in caught]
+    out["adam_auto_timed"] = len(conv_routes.timed_routes())
     return out
 
 
@@ -349,6 +363,8 @@ def test_dp_adam_on_two_replicas_matches_one_device(mirrored):
     model.fit(tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(4), epochs=1, verbose=0)
     assert int(model.optimizer.iterations) == 2
     _assert_weights(mirrored["adam_weights"], weights(model))
+    _assert_weights(mirrored["adam_auto_weights"], weights(model))    # batched path, replicas
+    assert not mirrored["adam_auto_warnings"] and mirrored["adam_auto_timed"] >= 1
 
 
 def test_fixed_size_batches_divide_by_the_global_batch(mirrored):

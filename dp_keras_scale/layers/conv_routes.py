@@ -19,8 +19,9 @@ models' layers (it is slow with 32 or more output channels per example and few i
 channels), extracted patches cost kh kw / (sh sw) times the input's memory, and the ghost route
 grows with the square of the positions. So with ``method="auto"`` and no XLA, `conv_route`
 times the plausible routes once per layer shape in each process (a few calls each, on random
-data, when the step is first traced) and keeps the fastest; under XLA, or where a shape is not
-static, it picks by a flop count. Every route equals the per-example reference up to float
+data, when the step is first traced) and keeps the fastest (`timed_routes` lists them); under
+XLA, or where a shape is not static (a dataset batched without ``drop_remainder``;
+`dks.data.BatchSampler`'s micro-batches are static), it picks by a flop count. Every route equals the per-example reference up to float
 rounding (tests), so the choice changes speed, not the result beyond rounding.
 """
 
@@ -150,10 +151,9 @@ def _fastest(candidates, preferred, x_shape, dy_shape, kernel_size, strides, pad
     """Times each candidate's norms + clipped sum (eagerly, on random data of the layer's
     shapes): the fastest (`preferred` unless another is clearly faster) and the medians."""
     examples = x_shape[0] // copies
-    rng = tf.random.Generator.from_seed(0)
-    x = rng.normal(x_shape)
-    dy = rng.normal(dy_shape)
-    factors = rng.uniform([examples])
+    x = tf.random.stateless_normal(x_shape, seed=[0, 1])       # no variables: this may run
+    dy = tf.random.stateless_normal(dy_shape, seed=[0, 2])     # in a replica's context
+    factors = tf.random.stateless_uniform([examples], seed=[0, 3])
 
     def work(route):
         if route == "ghost":
