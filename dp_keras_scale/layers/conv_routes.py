@@ -52,6 +52,10 @@ ROUTES = ("ghost", "grouped", "patches", "einsum")
 MATERIALIZE_COST = 2.5
 # The ghost route is timed only where its flops are below this many times materialising's.
 GHOST_TIMED_BELOW = 3.0
+# The patches route is timed only where the extracted patches fit in this many bytes: beyond,
+# their memory traffic made it the slowest materialised route on every layer measured, and
+# timing it would raise the process's peak memory.
+PATCHES_MAX_BYTES = 64 << 20
 # A timed route replaces the flop rule's pick only when it is this much faster.
 TIMED_MARGIN = 0.9
 TIMING_CALLS = 3
@@ -133,9 +137,12 @@ def conv_route(method: str, x: tf.Tensor, dy: tf.Tensor, positions: int | None, 
     by_flops = "ghost" if ghost < (MATERIALIZE_COST - 1) * materialized else default
     if xla or x.shape[0] is None or copies is None or not dy.shape.is_fully_defined():
         return by_flops
+    patches_bytes = (x.shape[0] // copies) * positions * kernel_size[0] * kernel_size[1] \
+        * x.shape[-1] * 4
     candidates = [route for route in ROUTES
                   if (route != "ghost" or ghost < GHOST_TIMED_BELOW * materialized)
-                  and (route != "grouped" or default == "grouped")]
+                  and (route != "grouped" or default == "grouped")
+                  and (route != "patches" or patches_bytes <= PATCHES_MAX_BYTES)]
     key = (tuple(x.shape), tuple(dy.shape), tuple(kernel_size), tuple(strides),
            padding.upper(), copies, tuple(candidates), by_flops)
     with _timing_lock:
