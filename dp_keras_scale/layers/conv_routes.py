@@ -57,7 +57,7 @@ GHOST_TIMED_BELOW = 3.0
 # timing it would raise the process's peak memory.
 PATCHES_MAX_BYTES = 64 << 20
 # A timed route replaces the flop rule's pick only when it is this much faster.
-TIMED_MARGIN = 0.9
+TIMED_MARGIN = 0.8
 TIMING_CALLS = 3
 
 _timed: dict[tuple, tuple[str, dict[str, float]]] = {}
