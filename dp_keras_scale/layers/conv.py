@@ -116,14 +116,21 @@ def image_patches(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int
                                     rates=[1, 1, 1, 1], padding="VALID")
 
 
-def _gram_ways(input_shape, kernel_size, strides, padding, copies) -> tuple[int, int]:
-    """Flops per example of `patch_gram` from the padded input's Gram matrix and from the
-    patches themselves."""
+def _gram_geometry(input_shape, kernel_size, strides, padding, copies):
+    """(K x Hp x Wp padded positions, n = K x Ho x Wo output positions, patch length kh kw C)
+    of one example."""
     (h, w, c), (kh, kw), (sh, sw) = input_shape, kernel_size, strides
     if padding.upper() == "SAME":
         h, w = h + sum(_same_padding(h, kh, sh)), w + sum(_same_padding(w, kw, sw))
     n = copies * ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
-    return (copies * h * w) ** 2 * c, n * n * kh * kw * c
+    return copies * h * w, n, kh * kw * c
+
+
+def _gram_ways(input_shape, kernel_size, strides, padding, copies) -> tuple[int, int]:
+    """Flops per example of `patch_gram` from the padded input's Gram matrix and from the
+    patches themselves."""
+    padded, n, patch = _gram_geometry(input_shape, kernel_size, strides, padding, copies)
+    return padded ** 2 * input_shape[-1], n * n * patch
 
 
 def patch_gram_flops(input_shape, kernel_size: tuple[int, int], strides: tuple[int, int],
@@ -135,6 +142,19 @@ def patch_gram_flops(input_shape, kernel_size: tuple[int, int], strides: tuple[i
         30000
     """
     return min(_gram_ways(input_shape, kernel_size, strides, padding, copies))
+
+
+def patch_gram_elements(input_shape, kernel_size: tuple[int, int], strides: tuple[int, int],
+                        padding: str, copies: int) -> int:
+    """Entries per example of the largest matrices `patch_gram` forms (its memory).
+
+    Example:
+        >>> patch_gram_elements((8, 8, 3), (3, 3), (1, 1), "SAME", 1)
+        10000
+    """
+    padded, n, patch = _gram_geometry(input_shape, kernel_size, strides, padding, copies)
+    from_input, from_patches = _gram_ways(input_shape, kernel_size, strides, padding, copies)
+    return n * n + n * patch if from_patches < from_input else padded ** 2
 
 
 def patch_gram(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, int],

@@ -38,6 +38,7 @@ from dp_keras_scale.layers.conv import (
     grouped_kernel_gradients,
     grouped_kernel_gradients_available,
     patch_gram,
+    patch_gram_elements,
     patch_gram_flops,
     patch_kernel_gradients,
     per_example_kernel_gradients,
@@ -52,10 +53,11 @@ ROUTES = ("ghost", "grouped", "patches", "einsum")
 MATERIALIZE_COST = 2.5
 # The ghost route is timed only where its flops are below this many times materialising's.
 GHOST_TIMED_BELOW = 3.0
-# The patches route is timed only where the extracted patches fit in this many bytes: beyond,
-# their memory traffic made it the slowest materialised route on every layer measured, and
-# timing it would raise the process's peak memory.
-PATCHES_MAX_BYTES = 64 << 20
+# A route other than the flop count's pick is timed only where what it holds (per-example
+# gradients, Gram matrices, extracted patches) fits in this many bytes or in the layer's own
+# input and output gradient: timing it would otherwise raise the process's peak memory, and
+# such a route was never the fastest on the layers measured.
+ROUTE_MAX_BYTES = 64 << 20
 # A timed route replaces the flop rule's pick only when it is this much faster.
 TIMED_MARGIN = 0.8
 TIMING_CALLS = 3
@@ -112,6 +114,18 @@ def _ghost_and_materialized_flops(input_shape, kernel_size, strides, padding, co
     return ghost, positions * kh * kw * input_shape[-1] * cout
 
 
+def _route_bytes(x_shape, cout, positions, copies, kernel_size, strides,
+                 padding) -> dict[str, int]:
+    """Bytes (float32) each route holds for the whole micro-batch, besides the layer's input
+    and output gradient."""
+    examples, d_in = x_shape[0] // copies, kernel_size[0] * kernel_size[1] * x_shape[-1]
+    per_example = d_in * cout
+    gram = patch_gram_elements(x_shape[1:], kernel_size, strides, padding, copies)
+    return {route: 4 * examples * size for route, size in {
+        "ghost": gram + positions * cout, "grouped": per_example, "einsum": 2 * per_example,
+        "patches": per_example + positions * d_in}.items()}
+
+
 def conv_route(method: str, x: tf.Tensor, dy: tf.Tensor, positions: int | None, copies,
                kernel_size: tuple[int, int], strides: tuple[int, int], padding: str,
                xla: bool) -> str:
@@ -137,12 +151,16 @@ def conv_route(method: str, x: tf.Tensor, dy: tf.Tensor, positions: int | None, 
     by_flops = "ghost" if ghost < (MATERIALIZE_COST - 1) * materialized else default
     if xla or x.shape[0] is None or copies is None or not dy.shape.is_fully_defined():
         return by_flops
-    patches_bytes = (x.shape[0] // copies) * positions * kernel_size[0] * kernel_size[1] \
-        * x.shape[-1] * 4
+    budget = max(ROUTE_MAX_BYTES, 4 * (x.shape.num_elements() + dy.shape.num_elements()))
+    held = _route_bytes(tuple(x.shape), dy.shape[-1], positions, copies, kernel_size,
+                        strides, padding)
     candidates = [route for route in ROUTES
-                  if (route != "ghost" or ghost < GHOST_TIMED_BELOW * materialized)
-                  and (route != "grouped" or default == "grouped")
-                  and (route != "patches" or patches_bytes <= PATCHES_MAX_BYTES)]
+                  if route == by_flops
+                  or (held[route] <= budget
+                      and (route != "ghost" or ghost < GHOST_TIMED_BELOW * materialized)
+                      and (route != "grouped" or default == "grouped"))]
+    if len(candidates) == 1:
+        return by_flops
     key = (tuple(x.shape), tuple(dy.shape), tuple(kernel_size), tuple(strides),
            padding.upper(), copies, tuple(candidates), by_flops)
     with _timing_lock:
