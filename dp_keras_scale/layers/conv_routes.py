@@ -198,8 +198,14 @@ def _fastest(candidates, preferred, x_shape, dy_shape, kernel_size, strides, pad
 
     steps = {route: tf.function(lambda route=route: work(route)) for route in candidates}
     seconds = {route: [] for route in candidates}
-    for route, step in steps.items():
-        step().numpy()                                   # trace and warm up
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")    # one trace per route and shape is the plan, not a retracing bug
+    try:
+        for route, step in steps.items():
+            step().numpy()                               # trace and warm up
+    finally:
+        logger.setLevel(level)
     for _ in range(TIMING_CALLS):                        # interleaved: load hits all alike
         for route, step in steps.items():
             start = time.perf_counter()
