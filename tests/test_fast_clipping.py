@@ -156,10 +156,14 @@ def test_every_conv_route_matches_the_reference(route, copies, monkeypatch):
     monkeypatch.setattr(ghost_clipping, "conv_route",
                         lambda *args: chosen.append(route) or route)
     model = zoo()
-    x, y = data(5, copies)
+    x, y = data(6, copies)
     clip = median_norm(model, x, y)
-    fast, ref = both(model, x, y, [1.0, 0.5, 0.0, 1.0, 1.0], clip, "auto")
-    assert chosen and 0 < ref.clipped.numpy() < 4
+    x = x.numpy()
+    x[5, copies - 1, 2, 3, 0] = np.nan          # one copy of the last example is NaN
+    x = tf.constant(x)
+    fast, ref = both(model, x, y, [1.0, 0.5, 0.0, 1.0, 1.0, 1.0], clip, "auto")
+    assert chosen and 0 < ref.clipped.numpy() < 4 and fast.nonfinite.numpy() == 1
+    assert all(np.all(np.isfinite(g.numpy())) for g in fast.gradients)
     assert_same(fast, ref, model)
 
 
