@@ -480,6 +480,12 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
                 lines.append(f"| {ds} | {privacy} | {b} | {best:g} | "
                              f"{_spread([r['pick']['best'] for r in by_epochs[(best,)]])} |")
             lines.append("")
+        if part == "scale":     # the budget part's runs of the same settings, for comparison
+            settings = {(r["dataset"], r["privacy"], r["batch_size"], r["epochs"])
+                        for r in part_rows}
+            part_rows = [r for r in rows if r["part"] == "batch_budget" and r["augmult"] == 0
+                         and (r["dataset"], r["privacy"], r["batch_size"], r["epochs"])
+                         in settings] + part_rows
         plot_part(part, part_rows, out / f"{name}_{part}.png")
         lines += [f"![{part}]({name}_{part}.png)", ""]
     tp = results.get("throughput", [])
@@ -529,14 +535,17 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     x_key = {"batch_budget": "epochs", "augmult": "augmult", "scale": "model"}[part]
-    line_keys = tuple(k for k in ("privacy", "model", "batch_size") if k != x_key)
+    line_keys = tuple(k for k in ("privacy", "model", "batch_size", "epochs") if k != x_key)
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
+        models = list(dict.fromkeys(r["model"] for r in rows if r["dataset"] == dataset))
         for i, (label, group) in enumerate(_by([r for r in rows if r["dataset"] == dataset],
                                                line_keys).items()):
             color = f"C{i % 10}"
             xs = sorted({r[x_key] for r in group}, key=lambda v: (str(type(v)), v))
+            if part == "scale":     # one categorical axis shared by every line
+                xs = [m for m in models if m in xs]
             for weights, style in (("ema_test_accuracy", "-o"), ("test_accuracy", "--x")):
                 meds, lows, highs = [], [], []
                 for xv in xs:
@@ -544,14 +553,15 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
                     meds.append(statistics.median(values))
                     lows.append(meds[-1] - min(values))
                     highs.append(max(values) - meds[-1])
-                positions = xs if part != "scale" else list(range(len(xs)))
-                name = " ".join(f"B={v}" if k == "batch_size" else str(v)
+                positions = xs if part != "scale" else [models.index(m) for m in xs]
+                name = " ".join(f"B={v}" if k == "batch_size" else
+                                f"{v:g} epochs" if k == "epochs" else str(v)
                                 for k, v in zip(line_keys, label))
                 ax.errorbar(positions, meds, yerr=[lows, highs], fmt=style, color=color,
                             capsize=3,
                             label=f"{name} ({'EMA' if 'ema' in weights else 'final'})")
-            if part == "scale":
-                ax.set_xticks(range(len(xs)), xs)
+        if part == "scale":
+            ax.set_xticks(range(len(models)), models)
         if part == "batch_budget":
             ax.set_xscale("log", base=2)
             ax.set_xlabel("epochs (compute budget) at the same epsilon")
