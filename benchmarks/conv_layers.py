@@ -6,11 +6,11 @@
 Each model is one `WSConv2D` (3x3, no bias) of a WRN-16-4 stage on its input size, then
 global average pooling and Dense(10), so that the convolution dominates. For each (B, K) the
 step runs as a plain `keras.Model` (non-private), and as a `DPScaleModel` with
-``clipping_method`` "materialize" (per-example kernel gradients from the grouped op), "ghost"
-(norms from the patches' Gram matrix, book-keeping sum) and "auto" (the route timed fastest
-for the shape, `dks.layers.conv_routes`: possibly the extracted patches' product or einsums,
-which no forced method runs), without XLA. Times are medians of `--steps` steps after two warm-up steps, all in this process, one
-model after another; the ratios to the non-private step are what to read (absolute times
+``clipping_method`` "materialize" (per-example kernel gradients from the grouped op),
+"ghost" (norms from the patches' Gram matrix, book-keeping sum) and "auto" (the route timed
+fastest for the shape, `dks.layers.conv_routes`: possibly the extracted patches' product or
+einsums, which no forced method runs), without XLA. Times are medians of `--steps` steps
+after two warm-up steps, all in this process, one model after another; the ratios to the non-private step are what to read (absolute times
 depend on the machine's load). Writes benchmarks/results/conv_layers.{md,json}.
 """
 

@@ -58,7 +58,7 @@ from dp_keras_scale.clipping import ClippedSum, clip_factors
 from dp_keras_scale.layers.conv import (
     WSConv2D,
     batched_kernel_gradient,
-    patch_gram,
+    ghost_channel_norms,
     patch_sums,
     per_example_convolutions,
 )
@@ -406,9 +406,7 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     # grouped native op's own layout; see `layers.conv_routes`).
     per_kernel, examples_axis = None, 0
     if want_kernel and route == "ghost":
-        g = _rows(G, batch)                                                 # [B, n, o]
-        q = tf.reduce_sum(tf.matmul(patch_gram(x, (kh, kw), strides, padding, copies), g) * g,
-                          axis=1)
+        q = ghost_channel_norms(x, G, (kh, kw), strides, padding, copies, batch)
         if ws:
             m = _per_example_sum(patch_sums(x, (kh, kw), strides, padding) * G, batch)
     elif want_kernel:

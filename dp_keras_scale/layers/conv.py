@@ -195,6 +195,25 @@ def patch_gram(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, i
     return tf.reshape(gram, [-1, n, n])
 
 
+def ghost_channel_norms(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int, int],
+                        strides: tuple[int, int], padding: str, copies: int,
+                        examples) -> tf.Tensor:
+    """[B, O]: the squared norm of each example's kernel gradient per output channel, from
+    `patch_gram` and the output gradients (no per-example gradient formed).
+
+    Same layout of `x` [B*K, H, W, C] and `dy` [B*K, Ho, Wo, O] as
+    `per_example_kernel_gradients`.
+
+    Example:
+        >>> ghost_channel_norms(tf.ones([4, 8, 8, 3]), tf.ones([4, 8, 8, 5]),
+        ...                     (3, 3), (1, 1), "SAME", 2, 2).shape
+        TensorShape([2, 5])
+    """
+    g = tf.reshape(dy, [examples, -1, dy.shape[-1]])                        # [B, n, O]
+    gram = patch_gram(x, kernel_size, strides, padding, copies)             # [B, n, n]
+    return tf.reduce_sum(tf.matmul(gram, g) * g, axis=1)
+
+
 def patch_sums(x: tf.Tensor, kernel_size: tuple[int, int], strides: tuple[int, int],
                padding: str) -> tf.Tensor:
     """[N, Ho, Wo, 1]: the sum of each input patch's entries (all channels).
@@ -275,7 +294,8 @@ def grouped_kernel_gradients(x: tf.Tensor, dy: tf.Tensor, kernel_size: tuple[int
     gradient, its K copies the op's batch (summed, as the op sums its batch).
 
     Outside XLA (TensorFlow's oneDNN CPU kernels; see `grouped_kernel_gradients_available`)
-    this costs 1.5-3x what the batch's kernel gradient costs; XLA compiles grouped kernel
+    this costs 1.5x to more than 6x what the batch's kernel gradient costs, depending on the
+    shape (`conv_routes` times it against the other forms); XLA compiles grouped kernel
     gradients into very slow code, so use `per_example_kernel_gradients` in XLA-compiled
     steps. `examples_first=False` returns the
     op's own layout [kh, kw, C, B, O] (saves a transpose of all B x parameters).

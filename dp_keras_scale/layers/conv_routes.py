@@ -35,9 +35,9 @@ import tensorflow as tf
 
 from dp_keras_scale.layers.conv import (
     batched_kernel_gradient,
+    ghost_channel_norms,
     grouped_kernel_gradients,
     grouped_kernel_gradients_available,
-    patch_gram,
     patch_gram_elements,
     patch_gram_flops,
     patch_kernel_gradients,
@@ -182,9 +182,7 @@ def _fastest(candidates, preferred, x_shape, dy_shape, kernel_size, strides, pad
 
     def work(route):
         if route == "ghost":
-            g = tf.reshape(dy, [examples, -1, dy_shape[-1]])
-            q = tf.reduce_sum(
-                tf.matmul(patch_gram(x, kernel_size, strides, padding, copies), g) * g, 1)
+            q = ghost_channel_norms(x, dy, kernel_size, strides, padding, copies, examples)
             rows = tf.reshape(tf.repeat(factors, copies), [-1, 1, 1, 1])
             total = batched_kernel_gradient(x, dy * rows, (*kernel_size, x_shape[-1],
                                                            dy_shape[-1]), strides, padding)
