@@ -21,8 +21,9 @@ backward pass of the whole micro-batch (all B x K copies as one batch), in four 
    gradient ``h`` by per-channel sums (the standardisation's Jacobian is
    ``g s (P - a s^2 u u^T)``, P the centring projection, u the centred kernel,
    s = 1/||u||): ``||h_o||^2`` (ghost, per channel), ``sum(h_o)`` (from the patches' sums)
-   and the gain's own per-example gradient ``s u . h``, which is the sum of G times the layer's
-   output divided by the gain. Biases: the sum of ``G``.
+   and the gain's own per-example gradient ``s u . h`` (contracted from ``h`` where it is
+   materialised; on the ghost route, the sum of G times the layer's output divided by the
+   gain). Biases: the sum of ``G``.
    GroupNormalization (channels last): scale ``sum G * x_hat`` and offset ``sum G`` over the
    example's rows; the layer runs as `layers.group_norm.group_normalization` (the same
    function, its backward pass in closed form), which keeps ``x_hat``'s pieces. Any
@@ -420,15 +421,20 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
     floor = None
     if ws and (want_kernel or want_gain):
         fan_in, s, active, u, gain = _ws_stats(layer)
-        # the gain's per-example gradient s (u . h): the sum over the example's rows of G
-        # times the output of the unit-gain kernel, z / gain (float32 z; else that
-        # convolution itself, in float32: the kernel's norm below relies on it)
+        # the gain's per-example gradient s (u . h); on the ghost route (no h) the sum over
+        # the example's rows of G times the output of the unit-gain kernel, z / gain (float32
+        # z; else that convolution itself, in float32: the kernel's norm below relies on it)
         def unit_gain_rows():
             unit = tf.nn.conv2d(x, tf.cast(layer.standardized_kernel(with_gain=False), x.dtype),
                                 strides=[1, *strides, 1], padding=padding)
             return _per_example_sum(unit * G, batch)
 
-        if rec.output.dtype == G.dtype:
+        if per_kernel is not None:
+            # s (u . h) per channel, from the materialised gradients: the layer's output is
+            # then not held from the forward pass until the backward pass reaches the layer
+            gain_rows = s * tf.reduce_sum(per_kernel * tf.expand_dims(u, examples_axis),
+                                          axis=d_axis)
+        elif rec.output.dtype == G.dtype:
             gain_rows = tf.cond(  # a gain this small (or zero) would lose the output's digits
                 tf.reduce_all(tf.abs(gain) >= 1e-12),
                 lambda: _per_example_sum(rec.output * G, batch) / gain, unit_gain_rows)

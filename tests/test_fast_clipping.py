@@ -555,9 +555,10 @@ def test_ws_kernel_and_gain_alone_and_a_nearly_constant_example(which, xla):
 @pytest.mark.parametrize("gains", [(0.0, 1.0, -2.0), (1e-13, 0.5, 1.0), (0.7, 1.0, 1.3)])
 @pytest.mark.parametrize("method", ["ghost", "materialize"])
 def test_ws_gain_rows_with_zero_tiny_and_negative_gains(gains, method):
-    """The gain's per-example gradients come from the layer's output divided by the gain;
-    a zero or tiny gain takes the unit-gain convolution instead. Against the reference, with
-    every example clipped (a wrong gain row would change its norm and its share)."""
+    """The gain's per-example gradients: from the materialised kernel gradients (s u . h), or
+    on the ghost route from the layer's output divided by the gain, where a zero or tiny gain
+    takes the unit-gain convolution instead. Against the reference, with every example
+    clipped (a wrong gain row would change its norm and its share)."""
     model, _ = single_ws_model((6, 6, 2), "same", keras.layers.GlobalAveragePooling2D, gains,
                                seed=5)
     x, y = data(4, 2, shape=(6, 6, 2), seed=5)
