@@ -146,7 +146,10 @@ def run_one(spec: dict, data, args) -> dict:
                                                        dataset_size=n) if noised else 0.0)
     model = build_model(spec["model"], args.dataset, x.shape[1:])
     model.clipping_method = args.clipping
-    optimizer = dks.DPSGD(spec["learning_rate"],
+    learning_rate = spec["learning_rate"]
+    if spec.get("lr_schedule", "constant") == "cosine":      # to 0 at the last planned step
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+    optimizer = dks.DPSGD(learning_rate, momentum=spec.get("momentum", 0.0),
                           l2_norm_clip=1.0 if private else NO_PRIVACY_CLIP,
                           noise_multiplier=sigma, rescale_to_unit_norm=private,
                           gradient_accumulation_steps=sampler.accumulation_steps,
@@ -333,7 +336,9 @@ def specs(args) -> list[dict]:
                                         "seed": seed, "learning_rate": lr,
                                         "target_epsilon": args.epsilon, "delta": args.delta,
                                         "train_examples": args.train_n,
-                                        "ema_decay": args.ema_decay})
+                                        "ema_decay": args.ema_decay,
+                                        "lr_schedule": args.lr_schedule,
+                                        "momentum": args.momentum})
     return out
 
 
@@ -361,12 +366,21 @@ def seed_list(text) -> list[int]:
 
 
 ROW_KEYS = ("part", "dataset", "model", "batch_size", "epochs", "augmult", "no_privacy",
-            "noise_off", "seed", "train_examples", "target_epsilon")
+            "noise_off", "seed", "train_examples", "target_epsilon", "lr_schedule", "momentum")
 RUN_KEYS = ROW_KEYS + ("learning_rate", "ema_decay")
+KEY_DEFAULTS = {"noise_off": False, "lr_schedule": "constant", "momentum": 0.0}  # older runs
 
 
 def key(record: dict, keys=RUN_KEYS) -> tuple:
-    return tuple(record.get(k, False if k == "noise_off" else None) for k in keys)
+    return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in keys)
+
+
+def model_label(record: dict) -> str:
+    """The model's name, with the optimizer's variant where it is not the study's default
+    (constant learning rate, no momentum)."""
+    variant = [v for v in (record.get("lr_schedule", "constant"),) if v != "constant"]
+    variant += [f"momentum {record['momentum']:g}"] if record.get("momentum", 0.0) else []
+    return f"{record['model']} ({', '.join(variant)})" if variant else record["model"]
 
 
 def privacy_label(record: dict) -> str:
@@ -385,7 +399,7 @@ def rows_of(runs: list[dict]) -> list[dict]:
     rows = []
     for group in groups.values():
         pick = max(group, key=lambda r: r["best"])
-        rows.append({**{k: pick.get(k, False) for k in ROW_KEYS},
+        rows.append({**{k: pick.get(k, KEY_DEFAULTS.get(k, False)) for k in ROW_KEYS},
                      "privacy": privacy_label(pick), "lr_grid": sorted(
             r["learning_rate"] for r in group), "lr_pick": pick["learning_rate"],
             "pick": pick, "lr_results": {str(r["learning_rate"]): round(r["best"], 4)
@@ -460,7 +474,7 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
             p = r["pick"]
             grid = ", ".join(f"{lr}: {_pct(a)}" for lr, a in r["lr_results"].items())
             lines.append(
-                f"| {r['dataset']} | {r['model']} | {r['privacy']} "
+                f"| {r['dataset']} | {model_label(r)} | {r['privacy']} "
                 f"| {r['batch_size']} | {r['epochs']:g} | {r['augmult']} | {r['seed']} "
                 f"| {p['steps']} | {p['noise_multiplier']:.3f} | {p['epsilon']:.2f} | {grid} "
                 f"| {r['lr_pick']:g} | {_pct(p['test_accuracy'])} "
@@ -599,6 +613,9 @@ def main(argv=None) -> None:
                         help="sigma = 0 with the DP clipping (clip 1, unit-norm rescaling) and "
                              "learning rates: the noise's effect alone (diagnosis rows)")
     parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                        help="cosine: decays each run's learning rate to 0 at its last step")
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     parser.add_argument("--microbatch", type=int, default=256,
                         help="examples x copies per micro-batch (memory / speed)")
     parser.add_argument("--no-jit", dest="jit", action="store_false")
@@ -672,7 +689,7 @@ def run_part(args, results: dict, out: pathlib.Path) -> None:
         # another process on the same results may have finished it meanwhile
         if key(spec) in {key(r) for r in load_results(out / f"{args.name}.json")["runs"]}:
             continue
-        print(f"  {spec['model']} B={spec['batch_size']} epochs={spec['epochs']:g} "
+        print(f"  {model_label(spec)} B={spec['batch_size']} epochs={spec['epochs']:g} "
               f"K={spec['augmult']} lr={spec['learning_rate']:g} seed={spec['seed']}"
               f" [{privacy_label(spec)}]", flush=True)
         record = run_one(spec, data, args)
@@ -687,6 +704,7 @@ def quick(args, results: dict, out: pathlib.Path) -> None:
     """Every part once on 1000 training / 300 test examples (a check, not a result)."""
     common = dict(dataset=args.dataset, epsilon=args.epsilon, delta=args.delta, seeds=1,
                   model="compact_cnn", no_privacy=False, no_noise=False, ema_decay=args.ema_decay,
+                  lr_schedule=args.lr_schedule, momentum=args.momentum,
                   microbatch=64, jit=args.jit, train_subset=args.train_subset or 1000,
                   test_subset=args.test_subset or 300, verbose=args.verbose, curve_points=3,
                   timing_steps=2, timing_rounds=1, name=args.name, clipping=args.clipping,
