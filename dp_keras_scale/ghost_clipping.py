@@ -254,6 +254,10 @@ def _per_example_sum(t: tf.Tensor, batch) -> tf.Tensor:
 
 
 WS_NORM_FLOOR = 0.1
+# A WS layer's closed-form norm ``q - m^2 / n - (s u . h)^2`` loses about log10(q / result)
+# of float32's 7 digits to cancellation; below this fraction of q (with ReLU inputs the mean
+# direction can hold most of h) the projection is applied to the materialised h instead.
+WS_CLOSED_FORM_MIN = 0.01
 
 
 class _Part(typing.NamedTuple):
@@ -458,7 +462,8 @@ def _conv_rule(rec: _Record, G, batch, copies, wanted, method, xla=True):
                     raw = (per_kernel - per_ex(m / fan_in)
                            - per_ex(active * s * gain_rows) * per_ch(u))
                     return tf.reduce_sum(tf.square(raw), axis=d_axis)
-                inner = tf.cond(tf.reduce_any(inner < 0.1 * q), projected, lambda: inner)
+                inner = tf.cond(tf.reduce_any(inner < WS_CLOSED_FORM_MIN * q), projected,
+                                lambda: inner)
             sq += _nan_where_nonfinite(
                 tf.reduce_sum(tf.square(gain * s) * tf.maximum(inner, 0.0), axis=1), q)
         if want_gain:       # summed exactly as normed
