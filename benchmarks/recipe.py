@@ -40,6 +40,9 @@ budgets the claims need (32 epochs of Fashion-MNIST in about 10 minutes).
 DP code path; its own learning-rate grid), to separate optimisation from privacy.
 `--no-noise`: sigma = 0 with the DP rows' clipping (clip 1, unit-norm rescaling) and learning
 rates: the same rows with the noise alone removed.
+`--lr-schedule cosine` (the rate decayed to 0 at the run's last step) and `--momentum M`: the
+optimizer's variants (SGD at a constant rate without momentum otherwise), shown beside the
+model's name in the tables and plots.
 
 Results: ``benchmarks/results/recipe.json`` (every run, appended as it finishes; a re-run
 skips the runs already there, so a stopped study resumes), ``recipe.md`` and one PNG per part
@@ -375,12 +378,17 @@ def key(record: dict, keys=RUN_KEYS) -> tuple:
     return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in keys)
 
 
+def variant(record: dict) -> str:
+    """The optimizer's departure from the study's default (constant learning rate, no
+    momentum), e.g. "cosine, momentum 0.9"; "" for the default."""
+    parts = [v for v in (record.get("lr_schedule", "constant"),) if v != "constant"]
+    parts += [f"momentum {record['momentum']:g}"] if record.get("momentum", 0.0) else []
+    return ", ".join(parts)
+
+
 def model_label(record: dict) -> str:
-    """The model's name, with the optimizer's variant where it is not the study's default
-    (constant learning rate, no momentum)."""
-    variant = [v for v in (record.get("lr_schedule", "constant"),) if v != "constant"]
-    variant += [f"momentum {record['momentum']:g}"] if record.get("momentum", 0.0) else []
-    return f"{record['model']} ({', '.join(variant)})" if variant else record["model"]
+    """The model's name, with its optimizer variant in brackets where there is one."""
+    return f"{record['model']} ({variant(record)})" if variant(record) else record["model"]
 
 
 def privacy_label(record: dict) -> str:
@@ -400,7 +408,7 @@ def rows_of(runs: list[dict]) -> list[dict]:
     for group in groups.values():
         pick = max(group, key=lambda r: r["best"])
         rows.append({**{k: pick.get(k, KEY_DEFAULTS.get(k, False)) for k in ROW_KEYS},
-                     "privacy": privacy_label(pick), "lr_grid": sorted(
+                     "privacy": privacy_label(pick), "variant": variant(pick), "lr_grid": sorted(
             r["learning_rate"] for r in group), "lr_pick": pick["learning_rate"],
             "pick": pick, "lr_results": {str(r["learning_rate"]): round(r["best"], 4)
                                          for r in group}})
@@ -483,15 +491,16 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
         lines.append("")
         if part == "batch_budget":
             lines += ["Best budget per batch size (median over seeds of the best of final/EMA "
-                      "accuracy):", "", "| dataset | privacy | B | best epochs | best acc "
-                      "(seed range) |", "|---|---|---|---|---|"]
-            for (ds, privacy, b), group in _by(part_rows, ("dataset", "privacy",
-                                                          "batch_size")).items():
+                      "accuracy):", "", "| dataset | model | privacy | B | best epochs "
+                      "| best acc (seed range) |", "|---|---|---|---|---|---|"]
+            for (ds, privacy, _, _, b), group in _by(part_rows, (
+                    "dataset", "privacy", "model", "variant", "batch_size")).items():
                 by_epochs = _by(group, ("epochs",))
                 med = {e: statistics.median(r["pick"]["best"] for r in g)
                        for (e,), g in by_epochs.items()}
                 best = max(med, key=med.get)
-                lines.append(f"| {ds} | {privacy} | {b} | {best:g} | "
+                lines.append(f"| {ds} | {model_label(group[0])} | {privacy} | {b} "
+                             f"| {best:g} | "
                              f"{_spread([r['pick']['best'] for r in by_epochs[(best,)]])} |")
             lines.append("")
         if part == "scale":     # the budget part's runs of the same settings, for comparison
@@ -549,7 +558,8 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     x_key = {"batch_budget": "epochs", "augmult": "augmult", "scale": "model"}[part]
-    line_keys = tuple(k for k in ("privacy", "model", "batch_size", "epochs") if k != x_key)
+    line_keys = tuple(k for k in ("privacy", "model", "variant", "batch_size", "epochs")
+                      if k != x_key)
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
@@ -570,7 +580,7 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
                 positions = xs if part != "scale" else [models.index(m) for m in xs]
                 name = " ".join(f"B={v}" if k == "batch_size" else
                                 f"{v:g} epochs" if k == "epochs" else str(v)
-                                for k, v in zip(line_keys, label))
+                                for k, v in zip(line_keys, label) if v != "")
                 ax.errorbar(positions, meds, yerr=[lows, highs], fmt=style, color=color,
                             capsize=3,
                             label=f"{name} ({'EMA' if 'ema' in weights else 'final'})")

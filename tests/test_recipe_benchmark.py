@@ -86,3 +86,39 @@ def test_seeds_option_names_the_seeds_it_runs():
             seed_list(text)
     with pytest.raises(SystemExit):     # argparse error before any data is loaded
         main(["--seeds", "0", "--report-only"])
+
+
+def _run(seed, best, **variant):
+    return {"part": "batch_budget", "dataset": "fashion_mnist", "model": "compact_cnn",
+            "batch_size": 4096, "epochs": 64.0, "augmult": 0, "no_privacy": False,
+            "noise_off": False, "seed": seed, "train_examples": 60000, "target_epsilon": 3.0,
+            "learning_rate": 4.0, "ema_decay": 0.99, "steps": 938, "noise_multiplier": 3.04,
+            "epsilon": 3.0, "test_accuracy": best - 0.01, "ema_test_accuracy": best,
+            "train_accuracy": best, "ema_train_accuracy": best, "best": best,
+            "wall_time_s": 1.0, "curve": [], **variant}
+
+
+def test_optimizer_variants_are_rows_of_their_own(tmp_path):
+    """A run with momentum or a cosine schedule is never pooled with the constant-rate runs
+    (as a seed of theirs, or in the best-budget summary and the plot); a run recorded before
+    these options existed reads as the constant rate without momentum."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import recipe
+    finally:
+        sys.path.pop(0)
+    old = _run(0, 0.876)                                          # no variant keys at all
+    runs = [old, _run(1, 0.870, lr_schedule="constant", momentum=0.0),
+            _run(0, 0.872, lr_schedule="cosine", momentum=0.0),
+            _run(0, 0.874, lr_schedule="constant", momentum=0.9)]
+    rows = recipe.rows_of(runs)
+    assert sorted((r["variant"], r["seed"]) for r in rows) == [
+        ("", 0), ("", 1), ("cosine", 0), ("momentum 0.9", 0)]
+    assert recipe.key(old) == recipe.key({**runs[1], "seed": 0})
+    recipe.write_report({"runs": runs}, tmp_path, "variants")
+    report = (tmp_path / "variants.md").read_text()
+    summary = report[report.index("Best budget per batch size"):]
+    assert "| compact_cnn | DP | 4096 | 64 | 87.3 (87.0-87.6) |" in summary
+    assert "| compact_cnn (cosine) | DP | 4096 | 64 | 87.2 |" in summary
+    assert "| compact_cnn (momentum 0.9) | DP | 4096 | 64 | 87.4 |" in summary
+    assert (tmp_path / "variants_batch_budget.png").stat().st_size > 1000
