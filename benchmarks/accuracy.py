@@ -21,7 +21,7 @@ import pathlib
 import statistics
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no "failed call to cuInit" error line
 
 from dp_keras_scale import config as cfg  # noqa: E402
 from dp_keras_scale import experiment  # noqa: E402
