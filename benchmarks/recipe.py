@@ -40,9 +40,9 @@ budgets the claims need (32 epochs of Fashion-MNIST in about 10 minutes).
 DP code path; its own learning-rate grid), to separate optimisation from privacy.
 `--no-noise`: sigma = 0 with the DP rows' clipping (clip 1, unit-norm rescaling) and learning
 rates: the same rows with the noise alone removed.
-`--lr-schedule cosine` (the rate decayed to 0 at the run's last step) and `--momentum M`: the
-optimizer's variants (SGD at a constant rate without momentum otherwise), shown beside the
-model's name in the tables and plots.
+`--lr-schedule cosine` (the rate decayed to 0 at the run's last step), `--momentum M` and
+`--ema-decay D`: the optimizer's variants (SGD at a constant rate without momentum, EMA decay
+0.99 otherwise), rows of their own, shown beside the model's name in the tables and plots.
 
 Results: ``benchmarks/results/recipe.json`` (every run, appended as it finishes; a re-run
 skips the runs already there, so a stopped study resumes), ``recipe.md`` and one PNG per part
@@ -369,9 +369,12 @@ def seed_list(text) -> list[int]:
 
 
 ROW_KEYS = ("part", "dataset", "model", "batch_size", "epochs", "augmult", "no_privacy",
-            "noise_off", "seed", "train_examples", "target_epsilon", "lr_schedule", "momentum")
-RUN_KEYS = ROW_KEYS + ("learning_rate", "ema_decay")
-KEY_DEFAULTS = {"noise_off": False, "lr_schedule": "constant", "momentum": 0.0}  # older runs
+            "noise_off", "seed", "train_examples", "target_epsilon", "lr_schedule", "momentum",
+            "ema_decay")
+RUN_KEYS = ROW_KEYS + ("learning_rate",)
+EMA_DECAY = 0.99                                        # the study's, --ema-decay's default
+KEY_DEFAULTS = {"noise_off": False, "lr_schedule": "constant", "momentum": 0.0,
+                "ema_decay": EMA_DECAY}                 # for runs recorded before the option
 
 
 def key(record: dict, keys=RUN_KEYS) -> tuple:
@@ -380,9 +383,11 @@ def key(record: dict, keys=RUN_KEYS) -> tuple:
 
 def variant(record: dict) -> str:
     """The optimizer's departure from the study's default (constant learning rate, no
-    momentum), e.g. "cosine, momentum 0.9"; "" for the default."""
+    momentum, EMA decay 0.99), e.g. "cosine, momentum 0.9"; "" for the default."""
     parts = [v for v in (record.get("lr_schedule", "constant"),) if v != "constant"]
     parts += [f"momentum {record['momentum']:g}"] if record.get("momentum", 0.0) else []
+    decay = record.get("ema_decay", EMA_DECAY)
+    parts += [f"EMA {decay:g}"] if decay != EMA_DECAY else []
     return ", ".join(parts)
 
 
@@ -622,7 +627,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-noise", action="store_true",
                         help="sigma = 0 with the DP clipping (clip 1, unit-norm rescaling) and "
                              "learning rates: the noise's effect alone (diagnosis rows)")
-    parser.add_argument("--ema-decay", type=float, default=0.99)
+    parser.add_argument("--ema-decay", type=float, default=EMA_DECAY)
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                         help="cosine: decays each run's learning rate to 0 at its last step")
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")

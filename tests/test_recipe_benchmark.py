@@ -99,9 +99,9 @@ def _run(seed, best, **variant):
 
 
 def test_optimizer_variants_are_rows_of_their_own(tmp_path):
-    """A run with momentum or a cosine schedule is never pooled with the constant-rate runs
-    (as a seed of theirs, or in the best-budget summary and the plot); a run recorded before
-    these options existed reads as the constant rate without momentum."""
+    """A run with momentum, a cosine schedule or another EMA decay is never pooled with the
+    study's default runs (as a seed of theirs, or in the best-budget summary and the plot); a
+    run recorded before these options existed reads as the constant rate without momentum."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import recipe
@@ -110,10 +110,11 @@ def test_optimizer_variants_are_rows_of_their_own(tmp_path):
     old = _run(0, 0.876)                                          # no variant keys at all
     runs = [old, _run(1, 0.870, lr_schedule="constant", momentum=0.0),
             _run(0, 0.872, lr_schedule="cosine", momentum=0.0),
-            _run(0, 0.874, lr_schedule="constant", momentum=0.9)]
+            _run(0, 0.874, lr_schedule="constant", momentum=0.9),
+            _run(0, 0.871, ema_decay=0.998)]
     rows = recipe.rows_of(runs)
     assert sorted((r["variant"], r["seed"]) for r in rows) == [
-        ("", 0), ("", 1), ("cosine", 0), ("momentum 0.9", 0)]
+        ("", 0), ("", 1), ("EMA 0.998", 0), ("cosine", 0), ("momentum 0.9", 0)]
     assert recipe.key(old) == recipe.key({**runs[1], "seed": 0})
     recipe.write_report({"runs": runs}, tmp_path, "variants")
     report = (tmp_path / "variants.md").read_text()
@@ -121,4 +122,5 @@ def test_optimizer_variants_are_rows_of_their_own(tmp_path):
     assert "| compact_cnn | DP | 4096 | 64 | 87.3 (87.0-87.6) |" in summary
     assert "| compact_cnn (cosine) | DP | 4096 | 64 | 87.2 |" in summary
     assert "| compact_cnn (momentum 0.9) | DP | 4096 | 64 | 87.4 |" in summary
+    assert "| compact_cnn (EMA 0.998) | DP | 4096 | 64 | 87.1 |" in summary
     assert (tmp_path / "variants_batch_budget.png").stat().st_size > 1000
