@@ -150,9 +150,9 @@ def run_one(spec: dict, data, args) -> dict:
     model = build_model(spec["model"], args.dataset, x.shape[1:])
     model.clipping_method = args.clipping
     learning_rate = spec["learning_rate"]
-    if spec.get("lr_schedule", "constant") == "cosine":      # to 0 at the last planned step
+    if spec["lr_schedule"] == "cosine":                      # to 0 at the last planned step
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, steps)
-    optimizer = dks.DPSGD(learning_rate, momentum=spec.get("momentum", 0.0),
+    optimizer = dks.DPSGD(learning_rate, momentum=spec["momentum"],
                           l2_norm_clip=1.0 if private else NO_PRIVACY_CLIP,
                           noise_multiplier=sigma, rescale_to_unit_norm=private,
                           gradient_accumulation_steps=sampler.accumulation_steps,
@@ -381,19 +381,21 @@ def key(record: dict, keys=RUN_KEYS) -> tuple:
     return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in keys)
 
 
+VARIANT_LABELS = {"lr_schedule": "{}", "momentum": "momentum {:g}", "ema_decay": "EMA {:g}"}
+
+
 def variant(record: dict) -> str:
-    """The optimizer's departure from the study's default (constant learning rate, no
-    momentum, EMA decay 0.99), e.g. "cosine, momentum 0.9"; "" for the default."""
-    parts = [v for v in (record.get("lr_schedule", "constant"),) if v != "constant"]
-    parts += [f"momentum {record['momentum']:g}"] if record.get("momentum", 0.0) else []
-    decay = record.get("ema_decay", EMA_DECAY)
-    parts += [f"EMA {decay:g}"] if decay != EMA_DECAY else []
-    return ", ".join(parts)
+    """The optimizer's departure from the study's default (`KEY_DEFAULTS`: constant learning
+    rate, no momentum, EMA decay 0.99), e.g. "cosine, momentum 0.9"; "" for the default."""
+    values = {k: record.get(k, KEY_DEFAULTS[k]) for k in VARIANT_LABELS}
+    return ", ".join(label.format(values[k]) for k, label in VARIANT_LABELS.items()
+                     if values[k] != KEY_DEFAULTS[k])
 
 
 def model_label(record: dict) -> str:
     """The model's name, with its optimizer variant in brackets where there is one."""
-    return f"{record['model']} ({variant(record)})" if variant(record) else record["model"]
+    label = variant(record)
+    return f"{record['model']} ({label})" if label else record["model"]
 
 
 def privacy_label(record: dict) -> str:
