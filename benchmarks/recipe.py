@@ -26,7 +26,8 @@ Parts (`--part`):
   sigma recalibrated each time). Claims: at a fixed B accuracy peaks at an intermediate
   budget; the best budget grows with B; the best accuracy rises with B.
 - ``augmult``: K of `--augmult` (1 = one augmented copy) at one (B, epochs): reflect-pad 2 +
-  random crop (+ flip on Fashion-MNIST), same steps and sigma for every K.
+  random crop (+ flip on Fashion-MNIST), same steps and sigma for every K; `--augment-pad P`
+  pads by P pixels instead (0: flips only, no crop; Fashion-MNIST), rows of their own.
 - ``scale``: WS/GroupNorm models of growing size at one (B, epochs) (`--models`:
   compact_cnn, compact_cnn_x2 (widths doubled), small_cnn, wrnD_W with D = 6n+4).
 
@@ -42,7 +43,8 @@ DP code path; its own learning-rate grid), to separate optimisation from privacy
 rates: the same rows with the noise alone removed.
 `--lr-schedule cosine` (the rate decayed to 0 at the run's last step), `--momentum M` and
 `--ema-decay D`: the optimizer's variants (SGD at a constant rate without momentum, EMA decay
-0.99 otherwise), rows of their own, shown beside the model's name in the tables and plots.
+0.99 otherwise), rows of their own, shown beside the model's name in the tables and plots
+(as is `--augment-pad`).
 
 Results: ``benchmarks/results/recipe.json`` (every run, appended as it finishes; a re-run
 skips the runs already there, so a stopped study resumes), ``recipe.md`` and one PNG per part
@@ -168,8 +170,10 @@ def run_one(spec: dict, data, args) -> dict:
         fit_callbacks.append(budget)
     curve = Curve(x, y, x_test, y_test, steps, args.verbose, args.curve_points)
     fit_callbacks.append(curve)
-    map_fn = (dks.data.augmult_map(spec["augmult"], pad=2, flip=args.dataset != "mnist",
-                                   seed=seed) if spec["augmult"] else None)
+    pad = spec["augment_pad"]
+    map_fn = (dks.data.augmult_map(spec["augmult"], pad=pad, crop=pad > 0,
+                                   flip=args.dataset != "mnist", seed=seed)
+              if spec["augmult"] else None)
     start = time.time()
     model.fit(sampler.dataset(x, y, map_fn=map_fn), epochs=1,
               steps_per_epoch=steps * sampler.accumulation_steps, callbacks=fit_callbacks,
@@ -341,7 +345,8 @@ def specs(args) -> list[dict]:
                                         "train_examples": args.train_n,
                                         "ema_decay": args.ema_decay,
                                         "lr_schedule": args.lr_schedule,
-                                        "momentum": args.momentum})
+                                        "momentum": args.momentum,
+                                        "augment_pad": args.augment_pad if k else AUGMENT_PAD})
     return out
 
 
@@ -370,23 +375,26 @@ def seed_list(text) -> list[int]:
 
 ROW_KEYS = ("part", "dataset", "model", "batch_size", "epochs", "augmult", "no_privacy",
             "noise_off", "seed", "train_examples", "target_epsilon", "lr_schedule", "momentum",
-            "ema_decay")
+            "ema_decay", "augment_pad")
 RUN_KEYS = ROW_KEYS + ("learning_rate",)
 EMA_DECAY = 0.99                                        # the study's, --ema-decay's default
+AUGMENT_PAD = 2                                         # the study's, --augment-pad's default
 KEY_DEFAULTS = {"noise_off": False, "lr_schedule": "constant", "momentum": 0.0,
-                "ema_decay": EMA_DECAY}                 # for runs recorded before the option
+                "ema_decay": EMA_DECAY, "augment_pad": AUGMENT_PAD}   # runs before the option
 
 
 def key(record: dict, keys=RUN_KEYS) -> tuple:
     return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in keys)
 
 
-VARIANT_LABELS = {"lr_schedule": "{}", "momentum": "momentum {:g}", "ema_decay": "EMA {:g}"}
+VARIANT_LABELS = {"lr_schedule": "{}", "momentum": "momentum {:g}", "ema_decay": "EMA {:g}",
+                  "augment_pad": "pad {:d}"}
 
 
 def variant(record: dict) -> str:
-    """The optimizer's departure from the study's default (`KEY_DEFAULTS`: constant learning
-    rate, no momentum, EMA decay 0.99), e.g. "cosine, momentum 0.9"; "" for the default."""
+    """The run's departure from the study's defaults (`KEY_DEFAULTS`: constant learning rate,
+    no momentum, EMA decay 0.99, augmentation padded by 2 pixels), e.g. "cosine, momentum
+    0.9"; "" for the default."""
     values = {k: record.get(k, KEY_DEFAULTS[k]) for k in VARIANT_LABELS}
     return ", ".join(label.format(values[k]) for k, label in VARIANT_LABELS.items()
                      if values[k] != KEY_DEFAULTS[k])
@@ -633,6 +641,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                         help="cosine: decays each run's learning rate to 0 at its last step")
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    parser.add_argument("--augment-pad", type=int, default=AUGMENT_PAD,
+                        help="reflect padding of the random crops (K >= 1); 0: flips only")
     parser.add_argument("--microbatch", type=int, default=256,
                         help="examples x copies per micro-batch (memory / speed)")
     parser.add_argument("--no-jit", dest="jit", action="store_false")
@@ -665,6 +675,9 @@ def main(argv=None) -> None:
         seed_list(args.seeds)
     except ValueError as error:
         parser.error(str(error))
+    if args.augment_pad < 0 or (args.augment_pad == 0 and args.dataset == "mnist"):
+        parser.error(f"--augment-pad {args.augment_pad}: use a padding >= 0 pixels (0, flips "
+                     "only, needs Fashion-MNIST: MNIST's digits are not flipped)")
     out = pathlib.Path(args.results)
     path = out / f"{args.name}.json"
     results = load_results(path)
@@ -722,7 +735,8 @@ def quick(args, results: dict, out: pathlib.Path) -> None:
     common = dict(dataset=args.dataset, epsilon=args.epsilon, delta=args.delta, seeds=1,
                   model="compact_cnn", no_privacy=False, no_noise=False, ema_decay=args.ema_decay,
                   lr_schedule=args.lr_schedule, momentum=args.momentum,
-                  microbatch=64, jit=args.jit, train_subset=args.train_subset or 1000,
+                  augment_pad=args.augment_pad, microbatch=64, jit=args.jit,
+                  train_subset=args.train_subset or 1000,
                   test_subset=args.test_subset or 300, verbose=args.verbose, curve_points=3,
                   timing_steps=2, timing_rounds=1, name=args.name, clipping=args.clipping,
                   methods="nonprivate,dp_reference")

@@ -124,3 +124,31 @@ def test_optimizer_variants_are_rows_of_their_own(tmp_path):
     assert "| compact_cnn (momentum 0.9) | DP | 4096 | 64 | 87.4 |" in summary
     assert "| compact_cnn (EMA 0.998) | DP | 4096 | 64 | 87.1 |" in summary
     assert (tmp_path / "variants_batch_budget.png").stat().st_size > 1000
+
+
+def test_augmentation_padding_is_a_row_of_its_own(capsys):
+    """--augment-pad P: the augmented runs (K >= 1) are rows labelled "pad P"; the K = 0 run of
+    the same command is the study's no-augmentation row (padding means nothing there), and a
+    padding that would leave MNIST's copies identical is refused before anything runs."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import recipe
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(part="augmult", lrs="4", models="compact_cnn", model="compact_cnn",
+                              augmult="0,1,4", seeds="1", batch_sizes="1024", epochs="8",
+                              dataset="fashion_mnist", no_privacy=False, no_noise=False,
+                              epsilon=3.0, delta=1e-5, train_n=60000, ema_decay=0.99,
+                              lr_schedule="constant", momentum=0.0, augment_pad=0)
+    specs = recipe.specs(args)
+    assert [(s["augmult"], s["augment_pad"]) for s in specs] == [(0, 2), (1, 0), (4, 0)]
+    assert [recipe.variant(s) for s in specs] == ["", "pad 0", "pad 0"]
+    study = {**specs[1], "augment_pad": recipe.AUGMENT_PAD}
+    assert recipe.key(specs[1]) != recipe.key(study)
+    old = {k: v for k, v in study.items() if k != "augment_pad"}   # recorded before the option
+    assert recipe.key(old) == recipe.key(study)
+    for argv in (["--augment-pad", "-1"], ["--augment-pad", "0", "--dataset", "mnist"]):
+        with pytest.raises(SystemExit):
+            recipe.main([*argv, "--part", "augmult", "--report-only"])
+        assert "--augment-pad" in capsys.readouterr().err
