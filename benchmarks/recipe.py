@@ -518,12 +518,12 @@ def write_report(results: dict, out: pathlib.Path, name: str) -> None:
                              f"| {best:g} | "
                              f"{_spread([r['pick']['best'] for r in by_epochs[(best,)]])} |")
             lines.append("")
-        if part == "scale":     # the budget part's runs of the same settings, for comparison
-            settings = {(r["dataset"], r["privacy"], r["batch_size"], r["epochs"])
-                        for r in part_rows}
+        if part != "batch_budget":  # the budget part's runs of the same settings (K = 0)
+            fields = ("dataset", "privacy", "batch_size", "epochs") + (
+                ("model", "variant") if part == "augmult" else ())
+            settings = {tuple(r[f] for f in fields) for r in part_rows}
             part_rows = [r for r in rows if r["part"] == "batch_budget" and r["augmult"] == 0
-                         and (r["dataset"], r["privacy"], r["batch_size"], r["epochs"])
-                         in settings] + part_rows
+                         and tuple(r[f] for f in fields) in settings] + part_rows
         plot_part(part, part_rows, out / f"{name}_{part}.png")
         lines += [f"![{part}]({name}_{part}.png)", ""]
     tp = results.get("throughput", [])
@@ -605,7 +605,8 @@ def plot_part(part: str, rows: list[dict], path: pathlib.Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("epochs (compute budget) at the same epsilon")
         else:
-            ax.set_xlabel({"augmult": "augmentation multiplicity K", "scale": "model"}[part])
+            ax.set_xlabel({"augmult": "augmentation multiplicity K (0: no augmentation)",
+                           "scale": "model"}[part])
         ax.set_ylabel("test accuracy (%), best lr of the grid")
         ax.set_title(f"{dataset} {part}: median over seeds, bars = seed range", fontsize=9)
         ax.grid(alpha=0.3)
