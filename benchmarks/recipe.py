@@ -401,7 +401,7 @@ def variant(record: dict) -> str:
 
 
 def model_label(record: dict) -> str:
-    """The model's name, with its optimizer variant in brackets where there is one."""
+    """The model's name, with its variant (`variant`) in brackets where there is one."""
     label = variant(record)
     return f"{record['model']} ({label})" if label else record["model"]
 
