@@ -5,13 +5,17 @@
 
 Every cell (model, B x K setting, method) runs in its own process, one after another, so that
 peak RSS is the cell's own and no cell inherits another's compiled graphs. Methods:
-- ``nonprivate``: plain `keras.Model` step of the same network on the B*K images;
+- ``nonprivate``: plain `keras.Model` step of the same network on the B*K images (with the
+  library imported, so TensorFlow's caching CPU allocator, `dp_keras_scale._allocator`);
+- ``nonprivate_malloc``: the same under TensorFlow's default CPU allocator
+  (``TF_CPU_ALLOCATOR_USE_BFC=0``: what a Keras program that never imports the library runs);
 - ``reference``: `DPScaleModel` step with ``clipping_method = "reference"`` (every example
   differentiated on its own under `tf.vectorized_map`);
 - ``fast``: `DPScaleModel` step with the default batched per-layer clipping
   (`dp_keras_scale.ghost_clipping`).
 Each round runs every cell once; ratios DP / non-private are taken within a round (same model
-and setting), and the spread is reported over rounds. A step processes B*K images; images/s is
+and setting) against the faster of the two non-private cells, and the spread is reported over
+rounds. A step processes B*K images; images/s is
 B*K over the median of at least `--steps` timed steps (and at least 5 s of them) after two
 warm-up steps (XLA compilation). The
 load average is recorded before each cell: on a shared machine it is part of the result.
@@ -36,7 +40,7 @@ MODELS = {
     "wrn-plain": "WRN-16-4, plain Keras Conv2D",
     "cnn": "small CNN (dks.models.small_cnn, WS convs, 28x28x1)",
 }
-METHODS = ("nonprivate", "reference", "fast")
+METHODS = ("nonprivate", "nonprivate_malloc", "reference", "fast")
 MIN_SECONDS, MAX_STEPS = 5.0, 200     # fast cells run more steps than --steps
 
 
@@ -45,7 +49,7 @@ def build(model_name: str, method: str, jit: bool):
 
     import dp_keras_scale as dks
 
-    private = method != "nonprivate"
+    private = not method.startswith("nonprivate")
     model_class = dks.DPScaleModel if private else keras.Model
     if model_name == "cnn":
         model = dks.models.small_cnn((28, 28, 1), 10, model_class=model_class)
@@ -71,13 +75,15 @@ def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
 
     import numpy as np
 
+    from dp_keras_scale._allocator import caching_allocator_active
+
     rng = np.random.default_rng(0)
     model, shape = build(model_name, method, jit)
     x = rng.random((batch * copies, *shape), dtype=np.float32)
     if model_name == "cnn":
         x = x * 255.0
     y = rng.integers(0, 10, batch * copies)
-    if method != "nonprivate":
+    if not method.startswith("nonprivate"):
         x, y = x.reshape(batch, copies, *shape), y.reshape(batch, copies)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):
@@ -91,7 +97,8 @@ def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
     return {"seconds_per_step": seconds, "timed_steps": len(times),
             "images_per_s": batch * copies / seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_training_mib": rss_before}
+            "rss_before_training_mib": rss_before,
+            "cpu_allocator": "bfc" if caching_allocator_active() else "malloc"}
 
 
 def spread(values: list[float], fmt: str = "{:.0f}") -> str:
@@ -107,10 +114,12 @@ def table(rows: list[dict], rounds: int) -> str:
     """Markdown table: per model and setting, medians over rounds (min-max), within-round
     ratios. Rows marked ``superseded`` (by hand, with the reason) are left out."""
     rows = [r for r in rows if "superseded" not in r]
-    lines = ["| model | (B, K) | non-private img/s | reference DP img/s | fast DP img/s "
+    lines = ["| model | (B, K) | non-private img/s | non-private img/s, TF's default allocator "
+             "| reference DP img/s | fast DP img/s "
              "| reference / non-private | fast / non-private | fast / reference "
-             "| peak RSS MiB: non-private / reference / fast |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS MiB: " + " / ".join(METHODS).replace("_malloc", " (default allocator)")
+             + " |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["model"], r["B"], r["K"]) for r in rows},
                   key=lambda k: (list(MODELS).index(k[0]), -k[2], k[1]))
     for model, batch, copies in keys:
@@ -119,15 +128,21 @@ def table(rows: list[dict], rounds: int) -> str:
         ips = {m: [r["images_per_s"] for r in cell[m]] for m in METHODS}
         rss = {m: [r["peak_rss_mib"] for r in cell[m]] for m in METHODS}
 
-        def ratio(a, b):
-            by_round = {r["round"]: r["images_per_s"] for r in cell[b]}
+        def ratio(a, *bs):
+            """Per round: a's images/s over the fastest of bs's."""
+            by_round = {}
+            for b in bs:
+                for r in cell[b]:
+                    by_round[r["round"]] = max(by_round.get(r["round"], 0), r["images_per_s"])
             return [r["images_per_s"] / by_round[r["round"]] for r in cell[a]
                     if r["round"] in by_round]
+        nonprivate = ("nonprivate", "nonprivate_malloc")
         lines.append(
             f"| {model} | ({batch}, {copies}) | {spread(ips['nonprivate'])} "
+            f"| {spread(ips['nonprivate_malloc'])} "
             f"| {spread(ips['reference'])} | {spread(ips['fast'])} "
-            f"| {spread(ratio('reference', 'nonprivate'), '{:.2f}')} "
-            f"| {spread(ratio('fast', 'nonprivate'), '{:.2f}')} "
+            f"| {spread(ratio('reference', *nonprivate), '{:.2f}')} "
+            f"| {spread(ratio('fast', *nonprivate), '{:.2f}')} "
             f"| {spread(ratio('fast', 'reference'), '{:.2f}')} "
             f"| {' / '.join(spread(rss[m]) for m in METHODS)} |")
     return "\n".join(lines)
@@ -163,10 +178,14 @@ def main() -> None:
             for batch, copies in settings:
                 for method in args.methods.split(","):
                     load = os.getloadavg()[0]
+                    env = dict(os.environ)
+                    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)   # the library's default...
+                    if method == "nonprivate_malloc":            # ...or TensorFlow's
+                        env["TF_CPU_ALLOCATOR_USE_BFC"] = "0"
                     proc = subprocess.run(
                         [sys.executable, __file__, "--cell", model, str(batch), str(copies),
                          method, "--steps", str(args.steps), "--jit", args.jit],
-                        capture_output=True, text=True, check=False)
+                        capture_output=True, text=True, check=False, env=env)
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     if proc.returncode != 0 or not lines:
                         print(proc.stderr[-3000:], file=sys.stderr)
@@ -176,7 +195,7 @@ def main() -> None:
                            **json.loads(lines[-1][len("RESULT "):])}
                     rows.append(row)
                     print(f"round {rnd + 1} {model:>9} B={batch:<3} K={copies:<2} "
-                          f"{method:>10}: {row['images_per_s']:6.1f} images/s, peak RSS "
+                          f"{method:>17}: {row['images_per_s']:6.1f} images/s, peak RSS "
                           f"{row['peak_rss_mib']:.0f} MiB (load {load:.2f})", flush=True)
                     write_results(rows, args, started)
 

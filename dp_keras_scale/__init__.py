@@ -11,7 +11,9 @@ Example:
     ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 """
 
-from dp_keras_scale import _lazy
+from dp_keras_scale import _allocator, _lazy
+
+_allocator.prefer_caching_allocator()     # before TensorFlow starts (see _allocator)
 
 __version__ = "0.1.0"
 

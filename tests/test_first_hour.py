@@ -75,6 +75,24 @@ def test_a_program_still_imports_the_whole_library():
     assert "DPScaleModel" in out.stdout and out.stdout.strip().endswith("True")
 
 
+@pytest.mark.parametrize("setting,active", [(None, True), ("0", False)])
+def test_importing_the_library_selects_the_caching_cpu_allocator_unless_told_not_to(
+        setting, active):
+    # TensorFlow's BFC allocator keeps freed blocks (no page faults per DP step); only it
+    # keeps the statistics get_memory_info reads, so they show which allocator TF created.
+    code = ("import os, dp_keras_scale, tensorflow as tf; tf.ones([4]) + 1; "
+            "from dp_keras_scale import _allocator; "
+            "print(os.environ['TF_CPU_ALLOCATOR_USE_BFC'], _allocator.caching_allocator_active())")
+    env = quiet_env(TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)
+    if setting is not None:
+        env["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [setting or "1", str(active)]
+
+
 def test_configs_prints_a_description_for_every_bundled_config():
     result = run_command(["configs"])
     lines = result.stdout.splitlines()
