@@ -88,13 +88,20 @@ def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):
         model.train_on_batch(x, y)
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
     times = []
     while len(times) < steps or (sum(times) < MIN_SECONDS and len(times) < MAX_STEPS):
         start = time.perf_counter()
         model.train_on_batch(x, y)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    per_step = {                        # CPU time in user code / in the kernel, page faults
+        "cpu_user_seconds_per_step": usage.ru_utime - usage_before.ru_utime,
+        "cpu_kernel_seconds_per_step": usage.ru_stime - usage_before.ru_stime,
+        "page_faults_per_step": usage.ru_minflt - usage_before.ru_minflt}
     return {"seconds_per_step": seconds, "timed_steps": len(times),
+            **{k: v / len(times) for k, v in per_step.items()},
             "images_per_s": batch * copies / seconds,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_before_training_mib": rss_before,

@@ -4,9 +4,10 @@ By default TensorFlow takes every CPU tensor from the C library's `malloc`, whic
 blocks back to the operating system when they are freed. A DP step allocates and frees
 several large temporaries per layer (per-example gradients, Gram matrices, re-weighted output
 gradients), so each step faults hundreds of megabytes of fresh pages back in: measured on
-WRN-16-4 at (B 64, K 1) on the 2-core CPU, about 200,000 page faults and 0.8 s of kernel
-time per DP step, against 900 faults and 0.1 s with TensorFlow's BFC allocator, which keeps
-freed blocks for reuse (README, Performance). ``TF_CPU_ALLOCATOR_USE_BFC=1`` selects it; TensorFlow
+WRN-16-4 (WS) at (B 64, K 1) and (16, 4) on a quiet 2-core CPU, 120,000-175,000 page faults
+and 0.4-0.6 s of kernel time per DP step, against 600-2,200 faults and 0.09-0.11 s with
+TensorFlow's BFC allocator, which keeps freed blocks for reuse (README, Performance).
+``TF_CPU_ALLOCATOR_USE_BFC=1`` selects it; TensorFlow
 reads the variable once, when it creates its CPU device, so it must be set before the first
 TensorFlow operation runs.
 
