@@ -21,6 +21,12 @@ import dp_keras_scale as dks
 from dp_keras_scale.clipping import clipped_gradient_sum
 from dp_keras_scale.ghost_clipping import fast_clipped_gradient_sum, supports_fast_clipping
 from dp_keras_scale.layers import conv_routes
+from dp_keras_scale.layers.conv import grouped_kernel_gradients_available
+
+# TensorFlow runs its oneDNN CPU kernels (which take the grouped kernel-gradient op) only on
+# some CPUs (not on an AVX2-only AMD EPYC, seen here); elsewhere its Eigen kernels refuse the
+# op and the library never routes to it (`test_without_onednn_the_materialised_route_uses_einsums`).
+GROUPED = grouped_kernel_gradients_available()
 from dp_keras_scale.model import fast_convolutions
 from dp_keras_scale.models.nf_resnet import SkipInitResidual
 
@@ -118,7 +124,9 @@ def assert_same(fast, ref, model, variables=None):
 
 
 def median_norm(model, x, y):
-    """A clip norm that some examples exceed and some do not."""
+    """A clip norm that some examples exceed and some do not: halfway between the two middle
+    examples' norms (never one example's own norm, whose side of the clip would be decided by
+    float rounding, which differs between kernels and machines)."""
     norms = []
     for i in range(x.shape[0]):
         with tf.GradientTape() as tape:
@@ -126,7 +134,8 @@ def median_norm(model, x, y):
             loss = model._compute_loss(x=x[i], y=y[i], y_pred=pred, training=True)
         grads = tape.gradient(loss, model.trainable_variables)
         norms.append(np.sqrt(sum(np.sum(g.numpy() ** 2) for g in grads if g is not None)))
-    return float(np.median(norms))
+    middle = np.sort(norms)[len(norms) // 2 - 1:len(norms) // 2 + 1]
+    return float(np.mean(middle))
 
 
 @pytest.mark.parametrize("xla", [False, True], ids=["grouped", "einsum"])
@@ -152,6 +161,9 @@ def test_every_conv_route_matches_the_reference(route, copies, monkeypatch):
     layer of the zoo (strided, 1x1, SAME / VALID, WS and plain)."""
     from dp_keras_scale import ghost_clipping
 
+    if route == "grouped" and not GROUPED:
+        pytest.skip("the grouped op needs TensorFlow's oneDNN CPU kernels, off on this CPU "
+                    "(the library never routes to it here)")
     chosen = []
     monkeypatch.setattr(ghost_clipping, "conv_route",
                         lambda *args: chosen.append(route) or route)
@@ -336,7 +348,7 @@ def test_dp_model_fit_batched_and_reference_agree(batch, method, jit, monkeypatc
         np.testing.assert_allclose(b - a, e / 6, atol=1e-5 * np.max(np.abs(e)) + 1e-8)
     # the grouped kernel-gradient op (very slow under XLA) never in steps XLA compiles (and
     # without XLA, "auto" times it among the routes of each conv shape)
-    assert bool(grouped_calls) == (method == "auto" and not jit)
+    assert bool(grouped_calls) == (method == "auto" and not jit and GROUPED)
 
 
 def test_wsconv2d_native_gradient_outside_and_vectorizable_inside_per_example_code(batch):
@@ -464,9 +476,9 @@ def test_grouped_einsum_and_patch_kernel_gradients_equal_a_per_example_loop(
                                         tf.shape(x)[0] // copies)
 
     patches = patch_kernel_gradients(x, dy, kernel, strides, padding, examples)
-    for got in (grouped(x, dy), per_example_kernel_gradients(x, dy, kernel, strides, padding,
-                                                             examples),
-                tf.reshape(patches, [examples, *kernel, channels, filters])):
+    forms = [per_example_kernel_gradients(x, dy, kernel, strides, padding, examples),
+             tf.reshape(patches, [examples, *kernel, channels, filters])]
+    for got in forms + ([grouped(x, dy)] if GROUPED else []):
         assert got.shape == loop.shape
         np.testing.assert_allclose(got.numpy(), loop, rtol=0, atol=1e-5 * np.abs(loop).max())
 
