@@ -44,12 +44,17 @@ METHODS = ("nonprivate", "nonprivate_malloc", "reference", "fast")
 MIN_SECONDS, MAX_STEPS = 5.0, 200     # fast cells run more steps than --steps
 
 
+def is_private(method: str) -> bool:
+    """Whether a method's cell runs a DP step (``nonprivate*`` cells do not)."""
+    return not method.startswith("nonprivate")
+
+
 def build(model_name: str, method: str, jit: bool):
     import keras
 
     import dp_keras_scale as dks
 
-    private = not method.startswith("nonprivate")
+    private = is_private(method)
     model_class = dks.DPScaleModel if private else keras.Model
     if model_name == "cnn":
         model = dks.models.small_cnn((28, 28, 1), 10, model_class=model_class)
@@ -83,7 +88,7 @@ def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
     if model_name == "cnn":
         x = x * 255.0
     y = rng.integers(0, 10, batch * copies)
-    if not method.startswith("nonprivate"):
+    if is_private(method):
         x, y = x.reshape(batch, copies, *shape), y.reshape(batch, copies)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):
@@ -177,6 +182,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    from dp_keras_scale import _allocator as allocator     # its variable, for each cell
+
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -186,9 +193,9 @@ def main() -> None:
                 for method in args.methods.split(","):
                     load = os.getloadavg()[0]
                     env = dict(os.environ)
-                    env.pop("TF_CPU_ALLOCATOR_USE_BFC", None)   # the library's default...
-                    if method == "nonprivate_malloc":            # ...or TensorFlow's
-                        env["TF_CPU_ALLOCATOR_USE_BFC"] = "0"
+                    env.pop(allocator.VARIABLE, None)      # the library's default...
+                    if method == "nonprivate_malloc":       # ...or TensorFlow's
+                        env[allocator.VARIABLE] = "0"
                     proc = subprocess.run(
                         [sys.executable, __file__, "--cell", model, str(batch), str(copies),
                          method, "--steps", str(args.steps), "--jit", args.jit],

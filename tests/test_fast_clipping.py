@@ -22,13 +22,13 @@ from dp_keras_scale.clipping import clipped_gradient_sum
 from dp_keras_scale.ghost_clipping import fast_clipped_gradient_sum, supports_fast_clipping
 from dp_keras_scale.layers import conv_routes
 from dp_keras_scale.layers.conv import grouped_kernel_gradients_available
+from dp_keras_scale.model import fast_convolutions
+from dp_keras_scale.models.nf_resnet import SkipInitResidual
 
 # TensorFlow runs its oneDNN CPU kernels (which take the grouped kernel-gradient op) only on
 # some CPUs (not on an AVX2-only AMD EPYC, seen here); elsewhere its Eigen kernels refuse the
 # op and the library never routes to it (`test_without_onednn_the_materialised_route_uses_einsums`).
 GROUPED = grouped_kernel_gradients_available()
-from dp_keras_scale.model import fast_convolutions
-from dp_keras_scale.models.nf_resnet import SkipInitResidual
 
 RTOL = 1e-5
 METHODS = ["ghost", "materialize", "auto"]
