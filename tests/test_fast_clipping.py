@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of
+from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of, xent
 
 import dp_keras_scale as dks
 from dp_keras_scale.clipping import clipped_gradient_sum
@@ -617,7 +617,7 @@ def test_without_onednn_the_materialised_route_uses_einsums(tmp_path):
     script.write_text(
         "import sys; sys.path.insert(0, %r)\n" % str(pathlib.Path(__file__).parent)
         + "import numpy as np\n"
-        "from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of\n"
+        "from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of, xent\n"
         "from dp_keras_scale.layers.conv import grouped_kernel_gradients_available\n"
         "assert not grouped_kernel_gradients_available()\n"
         "rng = np.random.default_rng(0)\n"
@@ -635,3 +635,46 @@ def test_without_onednn_the_materialised_route_uses_einsums(tmp_path):
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and "MATCHED" in done.stdout, done.stdout + done.stderr[-3000:]
+
+
+# WRN-DEPTH-WIDTH at B = MEMORY_BATCH, K = 1: the DP step's peak memory against the non-private
+# step's (both: what the step adds to the live tensors)
+# (WRN-10-4, B = 32 on the AMD machine: 2.5x before the wait, 1.2x with it)
+MEMORY_DEPTH, MEMORY_WIDTH, MEMORY_BATCH, MEMORY_RATIO = 10, 4, 32, 1.75
+
+
+def _step_memory_mib(model, x, y) -> float:
+    """What one training step adds to the CPU's live tensors at its peak (MiB; BFC statistics)."""
+    model.train_on_batch(x, y)                                    # trace, time the routes
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    model.train_on_batch(x, y)
+    return (tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20
+
+
+def test_the_dp_step_holds_no_layer_work_from_the_forward_pass():
+    # Each layer's per-example work (the einsum route's shifted inputs, patches, Gram matrices)
+    # must wait for the layer's output gradient: formed right after the forward pass, every
+    # layer's copies were alive at once, and the DP step's peak was 3.3x the non-private
+    # step's for WRN-16-4 at (64, 1) (1.3x with the wait).
+    from dp_keras_scale._allocator import caching_allocator_active
+
+    if not caching_allocator_active():
+        pytest.skip("TF_CPU_ALLOCATOR_USE_BFC=0: only TensorFlow's caching allocator keeps the "
+                    "statistics this test reads")
+    rng = np.random.default_rng(0)
+    x = rng.random((MEMORY_BATCH, 32, 32, 3), dtype=np.float32)
+    y = rng.integers(0, 10, MEMORY_BATCH)
+    added = {}
+    for private in (False, True):
+        keras.utils.set_random_seed(0)
+        model = dks.models.wide_resnet(MEMORY_DEPTH, MEMORY_WIDTH, 10, model_class=(
+            dks.DPScaleModel if private else keras.Model))
+        if private:
+            model.clipping_method = "auto"
+            compile_dp(model)
+            added[private] = _step_memory_mib(model, x[:, None], y[:, None])
+        else:
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss=xent())
+            added[private] = _step_memory_mib(model, x, y)
+    assert added[True] <= MEMORY_RATIO * added[False], added
