@@ -12,6 +12,8 @@ the clip factors are known, the clipped sum. Four routes give the same numbers:
   the output gradients (`conv.patch_kernel_gradients`).
 - ``"einsum"``: per-example kernel gradients from one batched einsum per kernel offset
   (`conv.per_example_kernel_gradients`: the form XLA compiles well).
+- ``"loop"``: per-example kernel gradients from the native kernel-gradient op run on each
+  example in a loop (`conv.looped_kernel_gradients`; timed without XLA only).
 
 Which one is fastest depends on the layer's shape and on the machine: on a 2-core x86 CPU the
 grouped op costs from 1.5x to more than 6x the batch's kernel gradient over the bundled
@@ -38,13 +40,14 @@ from dp_keras_scale.layers.conv import (
     ghost_channel_norms,
     grouped_kernel_gradients,
     grouped_kernel_gradients_available,
+    looped_kernel_gradients,
     patch_gram_elements,
     patch_gram_flops,
     patch_kernel_gradients,
     per_example_kernel_gradients,
 )
 
-ROUTES = ("ghost", "grouped", "patches", "einsum")
+ROUTES = ("ghost", "grouped", "patches", "einsum", "loop")
 
 # Materialised per-example kernel gradients cost about this many times the flops of the
 # batch's kernel gradient, and the ghost route pays its Gram matrices on top of one batched
@@ -98,8 +101,9 @@ def materialized_kernel_gradients(route: str, x: tf.Tensor, dy: tf.Tensor,
         return tf.reshape(per, [d_in, -1, o]), 1
     if route == "patches":
         return patch_kernel_gradients(x, dy, kernel_size, strides, padding, examples), 0
-    if route == "einsum":
-        per = per_example_kernel_gradients(x, dy, kernel_size, strides, padding, examples)
+    if route in ("einsum", "loop"):
+        form = per_example_kernel_gradients if route == "einsum" else looped_kernel_gradients
+        per = form(x, dy, kernel_size, strides, padding, examples)
         return tf.reshape(per, [-1, d_in, o]), 0
     raise ValueError(f"no per-example kernel gradients for route {route!r}; one of "
                      f"{ROUTES[1:]}")
@@ -123,7 +127,7 @@ def _route_bytes(x_shape, cout, positions, copies, kernel_size, strides,
     gram = patch_gram_elements(x_shape[1:], kernel_size, strides, padding, copies)
     return {route: 4 * examples * size for route, size in {
         "ghost": gram + positions * cout, "grouped": per_example, "einsum": 2 * per_example,
-        "patches": per_example + positions * d_in}.items()}
+        "patches": per_example + positions * d_in, "loop": per_example}.items()}
 
 
 def conv_route(method: str, x: tf.Tensor, dy: tf.Tensor, positions: int | None, copies,
