@@ -1,7 +1,7 @@
 """Which way a convolution's per-example gradient norms are formed, per layer shape.
 
 `ghost_clipping` needs, for every example, the squared norm of its kernel gradient and, once
-the clip factors are known, the clipped sum. Four routes give the same numbers:
+the clip factors are known, the clipped sum. Five routes give the same numbers:
 
 - ``"ghost"``: norms from the Gram matrices of the example's input patches
   (`conv.patch_gram`) and output gradients; the sum is one batched kernel gradient of the
