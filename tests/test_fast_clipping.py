@@ -455,7 +455,8 @@ def test_patch_gram_cases_cover_both_ways():
 def test_every_materialised_form_equals_the_native_op_per_example(
         kernel, strides, padding, copies):
     """Each example's kernel gradient (its copies summed), from TensorFlow's native op run on
-    that example alone, against both batched forms; the grouped one with an unknown batch."""
+    that example alone, against every batched form (einsums, patches, the loop, and the
+    grouped op where it runs, with an unknown batch)."""
     from dp_keras_scale.layers.conv import (grouped_kernel_gradients, looped_kernel_gradients,
                                             patch_kernel_gradients, per_example_kernel_gradients)
 
@@ -618,7 +619,7 @@ def test_without_onednn_the_materialised_route_uses_einsums(tmp_path):
     script.write_text(
         "import sys; sys.path.insert(0, %r)\n" % str(pathlib.Path(__file__).parent)
         + "import numpy as np\n"
-        "from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of, xent\n"
+        "from conftest import compile_dp, reference_clipped_sum, small_convnet, weights_of\n"
         "from dp_keras_scale.layers.conv import grouped_kernel_gradients_available\n"
         "assert not grouped_kernel_gradients_available()\n"
         "rng = np.random.default_rng(0)\n"
@@ -640,7 +641,7 @@ def test_without_onednn_the_materialised_route_uses_einsums(tmp_path):
 
 # WRN-DEPTH-WIDTH at B = MEMORY_BATCH, K = 1, every convolution on the einsum route: the DP
 # step's peak memory against the non-private step's (both: what the step adds to the live
-# tensors; WRN-10-2, B = 32 on the AMD machine: 2.7x without the wait, 1.2x with it)
+# tensors; WRN-10-2, B = 32 on the AMD machine: 2.7x without the wait, 1.2-1.4x with it)
 MEMORY_DEPTH, MEMORY_WIDTH, MEMORY_BATCH, MEMORY_RATIO = 10, 2, 32, 1.75
 
 
