@@ -127,7 +127,7 @@ def clipped_gradient_sum(
 
     def weighted_sum(g):
         keep = tf.reshape(counted, [-1] + [1] * (g.shape.rank - 1))
-        return tf.tensordot(factors, tf.where(keep, g, tf.zeros_like(g)), axes=1)
+        return tf.tensordot(factors, tf.where(keep, g, tf.zeros([], g.dtype)), axes=1)
 
     in_mask = weights > 0
     return ClippedSum(

@@ -282,10 +282,12 @@ class _Weights(typing.NamedTuple):
 
 
 def _mask_rows(t: tf.Tensor, keep: tf.Tensor, axis: int = 0) -> tf.Tensor:
-    """Zero the entries of `t` along `axis` (examples) where `keep` is False."""
+    """Zero the entries of `t` along `axis` (examples) where `keep` is False (a scalar zero,
+    broadcast: a `zeros_like` of a static shape is folded into a constant of `t`'s size that
+    the step's graph then holds for good)."""
     shape = [1] * t.shape.rank
     shape[axis] = -1
-    return tf.where(tf.reshape(keep, shape), t, tf.zeros_like(t))
+    return tf.where(tf.reshape(keep, shape), t, tf.zeros([], t.dtype))
 
 
 def _rows_per_example(t: tf.Tensor, copies) -> int | None:

@@ -645,42 +645,69 @@ def test_without_onednn_the_materialised_route_uses_einsums(tmp_path):
 MEMORY_DEPTH, MEMORY_WIDTH, MEMORY_BATCH, MEMORY_RATIO = 10, 2, 32, 1.75
 
 
-def _step_memory_mib(model, x, y) -> float:
-    """What one training step adds to the CPU's live tensors at its peak (MiB; BFC statistics)."""
+@dataclasses.dataclass
+class StepMemory:
+    resident: float     # MiB the first step (trace, route timing) leaves in the live tensors
+    added: float        # MiB a later step adds to them at its peak
+
+
+def _step_memory(model, x, y) -> StepMemory:
+    """BFC statistics of the CPU's live tensors around two training steps."""
+    start = tf.config.experimental.get_memory_info("CPU:0")["current"]
     model.train_on_batch(x, y)                                    # trace, time the routes
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     tf.config.experimental.reset_memory_stats("CPU:0")
     model.train_on_batch(x, y)
-    return (tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return StepMemory((before - start) / 2**20, (peak - before) / 2**20)
 
 
-def test_the_dp_step_holds_no_layer_work_from_the_forward_pass(monkeypatch):
-    # Each layer's per-example work (the einsum route's shifted inputs, patches, Gram matrices)
-    # must wait for the layer's output gradient: formed right after the forward pass, every
-    # layer's copies were alive at once, and the DP step's peak was 3.3x the non-private
-    # step's for WRN-16-4 at (64, 1) (1.3x with the wait). The route is fixed: which one
-    # "auto" times fastest varies, and with it the memory.
+@pytest.fixture(scope="module")
+def step_memory():
+    """{private: StepMemory} of WRN-MEMORY_DEPTH-MEMORY_WIDTH, every conv on the einsum route
+    (which one "auto" times fastest varies, and with it the memory)."""
     from dp_keras_scale import ghost_clipping
     from dp_keras_scale._allocator import caching_allocator_active
 
-    monkeypatch.setattr(ghost_clipping, "conv_route", lambda *args: "einsum")
-
     if not caching_allocator_active():
         pytest.skip("TF_CPU_ALLOCATOR_USE_BFC=0: only TensorFlow's caching allocator keeps the "
-                    "statistics this test reads")
+                    "statistics these tests read")
     rng = np.random.default_rng(0)
     x = rng.random((MEMORY_BATCH, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, MEMORY_BATCH)
-    added = {}
-    for private in (False, True):
-        keras.utils.set_random_seed(0)
-        model = dks.models.wide_resnet(MEMORY_DEPTH, MEMORY_WIDTH, 10, model_class=(
-            dks.DPScaleModel if private else keras.Model))
-        if private:
-            model.clipping_method = "auto"
-            compile_dp(model)
-            added[private] = _step_memory_mib(model, x[:, None], y[:, None])
-        else:
-            model.compile(optimizer=keras.optimizers.SGD(0.1), loss=xent())
-            added[private] = _step_memory_mib(model, x, y)
+    measured = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ghost_clipping, "conv_route", lambda *args: "einsum")
+        for private in (False, True):
+            keras.utils.set_random_seed(0)
+            model = dks.models.wide_resnet(MEMORY_DEPTH, MEMORY_WIDTH, 10, model_class=(
+                dks.DPScaleModel if private else keras.Model))
+            if private:
+                model.clipping_method = "auto"
+                compile_dp(model)
+                measured[private] = _step_memory(model, x[:, None], y[:, None])
+            else:
+                model.compile(optimizer=keras.optimizers.SGD(0.1), loss=xent())
+                measured[private] = _step_memory(model, x, y)
+            measured["parameters"] = model.count_params()
+    return measured
+
+
+def test_the_dp_step_holds_no_layer_work_from_the_forward_pass(step_memory):
+    # Each layer's per-example work (the einsum route's shifted inputs, patches, Gram matrices)
+    # must wait for the layer's output gradient: formed right after the forward pass, every
+    # layer's copies were alive at once, and the DP step's peak was 3.3x the non-private
+    # step's for WRN-16-4 at (64, 1) (1.3x with the wait).
+    added = {private: step_memory[private].added for private in (False, True)}
     assert added[True] <= MEMORY_RATIO * added[False], added
+
+
+def test_the_dp_step_keeps_no_per_example_buffers_between_steps(step_memory):
+    # A `zeros_like` of per-example gradients (the masked sum's branch for non-finite
+    # examples) was folded into a constant of B x parameters that the step's graph held for
+    # good: 60 MiB of WRN-16-4's resident memory at (64, 1). What the DP step keeps beyond
+    # the non-private one must stay within a few copies of the parameters (variables,
+    # optimizer and accumulator state), far below one copy per example.
+    extra = step_memory[True].resident - step_memory[False].resident
+    copies = extra * 2**20 / (4 * step_memory["parameters"])
+    assert copies <= 8, (step_memory, copies)
