@@ -15,7 +15,9 @@ peak RSS is the cell's own and no cell inherits another's compiled graphs. Metho
   (`dp_keras_scale.ghost_clipping`).
 Each round runs every cell once; ratios DP / non-private are taken within a round (same model
 and setting) against the faster of the two non-private cells, and the spread is reported over
-rounds. A step processes B*K images; images/s is
+rounds. Separate processes drift (20-25% between runs of one cell on a 2-core machine), so each
+round also runs the methods of a model and setting in one process, a step of each in turn
+(``--alternate``): the "alternating" ratios come from there, the peak RSS from the cells. A step processes B*K images; images/s is
 B*K over the median of at least `--steps` timed steps (and at least 5 s of them) after two
 warm-up steps (XLA compilation). The
 load average is recorded before each cell: on a shared machine it is part of the result.
@@ -73,23 +75,51 @@ def build(model_name: str, method: str, jit: bool):
     return model, shape
 
 
-def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
-             jit: bool) -> dict:
-    """Times one cell in this process; returns images/s and RSS figures (MiB)."""
-    import resource
-
+def images(model_name: str, shape, batch: int, copies: int, method: str):
+    """The B*K random images and labels a cell trains on ([B, K, ...] for a DP step)."""
     import numpy as np
 
-    from dp_keras_scale._allocator import caching_allocator_active
-
     rng = np.random.default_rng(0)
-    model, shape = build(model_name, method, jit)
     x = rng.random((batch * copies, *shape), dtype=np.float32)
     if model_name == "cnn":
         x = x * 255.0
     y = rng.integers(0, 10, batch * copies)
     if is_private(method):
         x, y = x.reshape(batch, copies, *shape), y.reshape(batch, copies)
+    return x, y
+
+
+def run_alternating(model_name: str, batch: int, copies: int, methods: list[str],
+                    steps: int, jit: bool) -> dict[str, float]:
+    """Images/s of each method's step, all built in this process and stepped in turn (one
+    step of each, at least `steps` times and 5 s each, after two warm-up steps each): machine
+    drift hits all alike."""
+    cells = {}
+    for method in methods:
+        model, shape = build(model_name, method, jit)
+        cells[method] = (model, *images(model_name, shape, batch, copies, method))
+        for _ in range(2):
+            model.train_on_batch(*cells[method][1:])
+    times = {method: [] for method in methods}
+    while (len(times[methods[0]]) < steps
+           or (min(sum(t) for t in times.values()) < MIN_SECONDS
+               and len(times[methods[0]]) < MAX_STEPS)):
+        for method, (model, x, y) in cells.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[method].append(time.perf_counter() - start)
+    return {method: batch * copies / statistics.median(t) for method, t in times.items()}
+
+
+def run_cell(model_name: str, batch: int, copies: int, method: str, steps: int,
+             jit: bool) -> dict:
+    """Times one cell in this process; returns images/s and RSS figures (MiB)."""
+    import resource
+
+    from dp_keras_scale._allocator import caching_allocator_active
+
+    model, shape = build(model_name, method, jit)
+    x, y = images(model_name, shape, batch, copies, method)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(2):
         model.train_on_batch(x, y)
@@ -128,10 +158,11 @@ def table(rows: list[dict], rounds: int) -> str:
     rows = [r for r in rows if "superseded" not in r]
     lines = ["| model | (B, K) | non-private img/s | non-private img/s, TF's default allocator "
              "| reference DP img/s | fast DP img/s "
-             "| reference / non-private | fast / non-private | fast / reference "
+             "| reference / non-private | fast / non-private | fast / non-private, alternating "
+             "| fast / reference "
              "| peak RSS MiB: " + " / ".join(METHODS).replace("_malloc", " (default allocator)")
              + " |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["model"], r["B"], r["K"]) for r in rows},
                   key=lambda k: (list(MODELS).index(k[0]), -k[2], k[1]))
     for model, batch, copies in keys:
@@ -149,12 +180,18 @@ def table(rows: list[dict], rounds: int) -> str:
             return [r["images_per_s"] / by_round[r["round"]] for r in cell[a]
                     if r["round"] in by_round]
         nonprivate = ("nonprivate", "nonprivate_malloc")
+        alternating = [r["images_per_s_by_method"] for r in rows
+                       if (r["model"], r["B"], r["K"], r["method"])
+                       == (model, batch, copies, "alternating")]
+        alternating = [r["fast"] / r["nonprivate"] for r in alternating
+                       if "fast" in r and "nonprivate" in r]
         lines.append(
             f"| {model} | ({batch}, {copies}) | {spread(ips['nonprivate'])} "
             f"| {spread(ips['nonprivate_malloc'])} "
             f"| {spread(ips['reference'])} | {spread(ips['fast'])} "
             f"| {spread(ratio('reference', *nonprivate), '{:.2f}')} "
             f"| {spread(ratio('fast', *nonprivate), '{:.2f}')} "
+            f"| {spread(alternating, '{:.2f}')} "
             f"| {spread(ratio('fast', 'reference'), '{:.2f}')} "
             f"| {' / '.join(spread(rss[m]) for m in METHODS)} |")
     return "\n".join(lines)
@@ -172,13 +209,21 @@ def main() -> None:
                         help="XLA compilation of the training steps (Keras default: on)")
     parser.add_argument("--cell", nargs=4, metavar=("MODEL", "B", "K", "METHOD"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", nargs=3, metavar=("MODEL", "B", "K"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS), help="results directory")
     args = parser.parse_args()
 
-    if args.cell:
+    if args.cell or args.alternate:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        model, batch, copies, method = args.cell
-        result = run_cell(model, int(batch), int(copies), method, args.steps, args.jit == "on")
+        if args.cell:
+            model, batch, copies, method = args.cell
+            result = run_cell(model, int(batch), int(copies), method, args.steps,
+                              args.jit == "on")
+        else:
+            model, batch, copies = args.alternate
+            result = run_alternating(model, int(batch), int(copies),
+                                     args.methods.split(","), args.steps, args.jit == "on")
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -187,30 +232,49 @@ def main() -> None:
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings.split(",")]
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    methods = args.methods.split(",")
+    alternating = [m for m in methods if m != "nonprivate_malloc"]  # one allocator per process
+
+    def measure(flag: list[str], name: str, methods: str, env: dict) -> dict:
+        proc = subprocess.run([sys.executable, __file__, *flag, "--methods", methods,
+                               "--steps", str(args.steps), "--jit", args.jit],
+                              capture_output=True, text=True, check=False, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        return json.loads(lines[-1][len("RESULT "):])
+
     for rnd in range(args.rounds):
         for model in args.models.split(","):
             for batch, copies in settings:
-                for method in args.methods.split(","):
+                where = {"round": rnd, "model": model, "B": batch, "K": copies}
+                for method in methods:
                     load = os.getloadavg()[0]
                     env = dict(os.environ)
                     env.pop(allocator.VARIABLE, None)      # the library's default...
                     if method == "nonprivate_malloc":       # ...or TensorFlow's
                         env[allocator.VARIABLE] = "0"
-                    proc = subprocess.run(
-                        [sys.executable, __file__, "--cell", model, str(batch), str(copies),
-                         method, "--steps", str(args.steps), "--jit", args.jit],
-                        capture_output=True, text=True, check=False, env=env)
-                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                    if proc.returncode != 0 or not lines:
-                        print(proc.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"cell {model} {batch}x{copies} {method} failed")
-                    row = {"round": rnd, "model": model, "B": batch, "K": copies,
-                           "method": method, "load_1min_before": load,
-                           **json.loads(lines[-1][len("RESULT "):])}
+                    row = {**where, "method": method, "load_1min_before": load, **measure(
+                        ["--cell", model, str(batch), str(copies), method],
+                        f"cell {model} {batch}x{copies} {method}", method, env)}
                     rows.append(row)
                     print(f"round {rnd + 1} {model:>9} B={batch:<3} K={copies:<2} "
                           f"{method:>17}: {row['images_per_s']:6.1f} images/s, peak RSS "
                           f"{row['peak_rss_mib']:.0f} MiB (load {load:.2f})", flush=True)
+                    write_results(rows, args, started)
+                if len(alternating) > 1:
+                    load = os.getloadavg()[0]
+                    env = {k: v for k, v in os.environ.items() if k != allocator.VARIABLE}
+                    by_method = measure(["--alternate", model, str(batch), str(copies)],
+                                        f"alternating {model} {batch}x{copies}",
+                                        ",".join(alternating), env)
+                    rows.append({**where, "method": "alternating", "load_1min_before": load,
+                                 "images_per_s_by_method": by_method})
+                    print(f"round {rnd + 1} {model:>9} B={batch:<3} K={copies:<2} "
+                          f"      alternating: " + ", ".join(
+                              f"{m} {v:.1f}" for m, v in by_method.items()) + " images/s",
+                          flush=True)
                     write_results(rows, args, started)
 
 
@@ -223,7 +287,8 @@ def write_results(rows: list[dict], args, started: str) -> None:
     rounds = max(r["round"] for r in rows) + 1
     header = (f"{os.cpu_count()} CPU threads, TF {tf.__version__}, Keras {keras.__version__}, "
               f"XLA {args.jit}, median of >= {args.steps} steps (>= {MIN_SECONDS:.0f} s) per "
-              f"cell, {rounds} of {args.rounds} rounds (each cell its own process), started "
+              f"cell and per method alternating, {rounds} of "
+              f"{args.rounds} rounds (each cell its own process), started "
               f"{started}; "
               f"1-minute load average before the cells: {min(loads):.2f}-{max(loads):.2f} "
               f"(median {statistics.median(loads):.2f}). Cells: median over rounds (min-max).")
