@@ -17,10 +17,10 @@ Each round runs every cell once; ratios DP / non-private are taken within a roun
 and setting) against the faster of the two non-private cells, and the spread is reported over
 rounds. Separate processes drift (20-25% between runs of one cell on a 2-core machine), so each
 round also runs the methods of a model and setting in one process, a step of each in turn
-(``--alternate``): the "alternating" ratios come from there, the peak RSS from the cells. A step processes B*K images; images/s is
-B*K over the median of at least `--steps` timed steps (and at least 5 s of them) after two
-warm-up steps (XLA compilation). The
-load average is recorded before each cell: on a shared machine it is part of the result.
+(``--alternate``): the "alternating" ratios come from there, the peak RSS from the cells.
+A step processes B*K images; images/s is B*K over the median of at least `--steps` timed
+steps (and at least 5 s of them) after two warm-up steps (XLA compilation). The load average
+is recorded before each cell: on a shared machine it is part of the result.
 Results go to benchmarks/results/throughput.{json,md}.
 """
 
@@ -180,11 +180,11 @@ def table(rows: list[dict], rounds: int) -> str:
             return [r["images_per_s"] / by_round[r["round"]] for r in cell[a]
                     if r["round"] in by_round]
         nonprivate = ("nonprivate", "nonprivate_malloc")
-        alternating = [r["images_per_s_by_method"] for r in rows
+        alternating = [r["images_per_s_by_method"]["fast"]
+                       / r["images_per_s_by_method"]["nonprivate"] for r in rows
                        if (r["model"], r["B"], r["K"], r["method"])
-                       == (model, batch, copies, "alternating")]
-        alternating = [r["fast"] / r["nonprivate"] for r in alternating
-                       if "fast" in r and "nonprivate" in r]
+                       == (model, batch, copies, "alternating")
+                       and {"fast", "nonprivate"} <= r["images_per_s_by_method"].keys()]
         lines.append(
             f"| {model} | ({batch}, {copies}) | {spread(ips['nonprivate'])} "
             f"| {spread(ips['nonprivate_malloc'])} "
@@ -235,7 +235,12 @@ def main() -> None:
     methods = args.methods.split(",")
     alternating = [m for m in methods if m != "nonprivate_malloc"]  # one allocator per process
 
-    def measure(flag: list[str], name: str, methods: str, env: dict) -> dict:
+    def measure(flag: list[str], name: str, methods: str) -> dict:
+        """Runs `flag` (--cell or --alternate) in its own process; its RESULT line."""
+        env = dict(os.environ)
+        env.pop(allocator.VARIABLE, None)              # the library's default...
+        if methods == "nonprivate_malloc":            # ...or TensorFlow's
+            env[allocator.VARIABLE] = "0"
         proc = subprocess.run([sys.executable, __file__, *flag, "--methods", methods,
                                "--steps", str(args.steps), "--jit", args.jit],
                               capture_output=True, text=True, check=False, env=env)
@@ -251,13 +256,9 @@ def main() -> None:
                 where = {"round": rnd, "model": model, "B": batch, "K": copies}
                 for method in methods:
                     load = os.getloadavg()[0]
-                    env = dict(os.environ)
-                    env.pop(allocator.VARIABLE, None)      # the library's default...
-                    if method == "nonprivate_malloc":       # ...or TensorFlow's
-                        env[allocator.VARIABLE] = "0"
                     row = {**where, "method": method, "load_1min_before": load, **measure(
                         ["--cell", model, str(batch), str(copies), method],
-                        f"cell {model} {batch}x{copies} {method}", method, env)}
+                        f"cell {model} {batch}x{copies} {method}", method)}
                     rows.append(row)
                     print(f"round {rnd + 1} {model:>9} B={batch:<3} K={copies:<2} "
                           f"{method:>17}: {row['images_per_s']:6.1f} images/s, peak RSS "
@@ -265,10 +266,9 @@ def main() -> None:
                     write_results(rows, args, started)
                 if len(alternating) > 1:
                     load = os.getloadavg()[0]
-                    env = {k: v for k, v in os.environ.items() if k != allocator.VARIABLE}
                     by_method = measure(["--alternate", model, str(batch), str(copies)],
                                         f"alternating {model} {batch}x{copies}",
-                                        ",".join(alternating), env)
+                                        ",".join(alternating))
                     rows.append({**where, "method": "alternating", "load_1min_before": load,
                                  "images_per_s_by_method": by_method})
                     print(f"round {rnd + 1} {model:>9} B={batch:<3} K={copies:<2} "
